@@ -1,0 +1,97 @@
+"""Analysis: turn channel scores into a plan (uniform or global ratio, protection, round_to)."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+
+import numpy as np
+
+from spa.depgraph import DependencyGraph
+from spa.errors import ArgumentError
+from spa.groups import Group
+from spa.plan import GroupPlan, Plan
+from spa.passes.score import Scores
+
+log = logging.getLogger("spa")
+
+
+def is_protected(group: Group, patterns) -> bool:
+    """True when a node or parameter of the group matches one of the glob patterns."""
+    names = set(group.nodes) | {m.param for m in group.params} | {m.dim.value for m in group.members}
+    return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names)
+
+
+def _round_keep(keep: int, size: int, round_to: int) -> int:
+    if round_to > 1 and size > round_to:
+        keep = round_to * int(round(keep / round_to))
+        keep = min(max(keep, round_to), size)
+    return min(max(keep, 1), size)
+
+
+def _top(scores: np.ndarray | None, n_keep: int) -> tuple[int, ...]:
+    size = len(scores)
+    order = np.lexsort((np.arange(size), -scores))  # high score first, ties by index
+    return tuple(sorted(int(i) for i in order[:n_keep]))
+
+
+def allocate(
+    dg: DependencyGraph,
+    scores: Scores,
+    ratio: float,
+    global_pruning: bool = False,
+    round_to: int = 1,
+    protect=(),
+    max_group_ratio: float = 0.9,
+) -> Plan:
+    """Keep the best channels of each group.
+
+    ``ratio`` is the fraction of channels removed: per group (uniform), or over all groups
+    together (global, ranking normalized scores; no group loses more than ``max_group_ratio``).
+    """
+    if not 0.0 <= ratio < 1.0:
+        raise ArgumentError(f"ratio={ratio} must be in [0, 1)")
+    if round_to < 1:
+        raise ArgumentError(f"round_to={round_to} must be a positive integer")
+    protect = tuple(protect)
+    entries: dict[str, GroupPlan] = {}
+    candidates = []
+    for g in dg.groups:
+        s = scores[g.key]
+        if s is None:
+            log.info("group %s: criterion %s does not apply, kept whole", g.key, scores.criterion)
+        elif protect and is_protected(g, protect):
+            log.info("group %s: protected, kept whole", g.key)
+        else:
+            candidates.append(g)
+            continue
+        entries[g.key] = GroupPlan(g.key, g.size, tuple(range(g.size)))
+    if global_pruning:
+        keep_n = _global_counts(candidates, scores, ratio, round_to, max_group_ratio)
+    else:
+        keep_n = {g.key: _round_keep(g.size - math.floor(g.size * ratio), g.size, round_to) for g in candidates}
+    for g in candidates:
+        entries[g.key] = GroupPlan(g.key, g.size, _top(scores[g.key], keep_n[g.key]))
+    meta = {"ratio": ratio, "global": global_pruning, "round_to": round_to, "criterion": scores.criterion}
+    return Plan(tuple(entries[g.key] for g in dg.groups), meta)
+
+
+def _global_counts(groups, scores: Scores, ratio: float, round_to: int, max_group_ratio: float) -> dict[str, int]:
+    if not groups:
+        return {}
+    total = sum(g.size for g in groups)
+    to_remove = math.floor(total * ratio)
+    floor_keep = {g.key: max(1, math.ceil(g.size * (1 - max_group_ratio))) for g in groups}
+    all_scores = np.concatenate([scores[g.key] for g in groups])
+    owner = np.concatenate([np.full(g.size, i) for i, g in enumerate(groups)])
+    keep = {g.key: g.size for g in groups}
+    removed = 0
+    for idx in np.argsort(all_scores, kind="stable"):
+        if removed >= to_remove:
+            break
+        g = groups[owner[idx]]
+        if keep[g.key] > floor_keep[g.key]:
+            keep[g.key] -= 1
+            removed += 1
+    return {g.key: _round_keep(keep[g.key], g.size, round_to) for g in groups}

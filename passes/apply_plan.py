@@ -1,0 +1,126 @@
+"""Pass: apply a Plan in place. Generic: it slices what the groups hold and runs the fix-ups
+the rules declared; it never special-cases an op."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+import numpy as np
+import onnx_ir as ir
+
+from spa.depgraph import DependencyGraph
+from spa.dims import Dim
+from spa.errors import PlanError, UnsupportedModelError
+from spa.plan import Plan
+
+log = logging.getLogger("spa")
+
+
+class ApplyContext:
+    """What a rule's fix-up may ask and do while a plan is applied."""
+
+    def __init__(self, model: ir.Model, dg: DependencyGraph, kept: dict[Dim, np.ndarray]):
+        self.model = model
+        self.dg = dg
+        self._kept = kept
+        self._counter = 0
+
+    def is_pruned(self, d: Dim) -> bool:
+        return d in self._kept
+
+    def kept(self, d: Dim) -> np.ndarray | None:
+        """Kept indices of ``d``, or None when ``d`` is not pruned."""
+        return self._kept.get(d)
+
+    def old_size(self, d: Dim) -> int:
+        return int(self.dg.sizes[d])
+
+    def new_size(self, d: Dim) -> int:
+        k = self._kept.get(d)
+        return self.old_size(d) if k is None else int(k.size)
+
+    def set_attr(self, node: ir.Node, name: str, value) -> None:
+        node.attributes[name] = ir.convenience.convert_attribute(name, value)
+
+    def remove_attr(self, node: ir.Node, name: str) -> None:
+        node.attributes.pop(name, None)
+
+    def set_input_const(self, node: ir.Node, index: int, array: np.ndarray) -> None:
+        """Point input ``index`` of ``node`` at a new initializer holding ``array``."""
+        self._counter += 1
+        name = f"{node.name}_spa_in{index}_{self._counter}"
+        value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(_dtype(array)),
+                         const_value=ir.tensor(array, name=name))
+        self.model.graph.register_initializer(value)
+        if index >= len(node.inputs):
+            node.resize_inputs(index + 1)
+        node.replace_input_with(index, value)
+
+
+def _dtype(array: np.ndarray) -> ir.DataType:
+    return ir.DataType.from_numpy(array.dtype)
+
+
+class ApplyPlanPass(ir.passes.InPlacePass):
+    """Slice initializers, shrink value shapes and run fix-ups for every pruned group."""
+
+    def __init__(self, plan: Plan, strict: bool = True):
+        super().__init__()
+        self.plan = plan
+        self.strict = strict
+        self.pruned_keys: list[str] = []
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        dg = DependencyGraph(model)
+        groups = {g.key: g for g in dg.groups}
+        kept: dict[Dim, np.ndarray] = {}
+        for gp in self.plan.groups:
+            group = groups.get(gp.key)
+            if group is None:
+                if self.strict:
+                    raise PlanError(
+                        f"plan group '{gp.key}' is not a prunable group of this model; was the plan made "
+                        "for another model? Run `spa inspect` to list this model's groups"
+                    )
+                continue
+            if group.size != gp.size:
+                raise PlanError(f"plan group '{gp.key}' has {gp.size} channels, the model's has {group.size}")
+            if not gp.removed:
+                continue
+            keep = np.asarray(gp.keep, dtype=np.int64)
+            for m in group.members:
+                kept[m.dim] = m.kept_indices(keep)
+            self.pruned_keys.append(gp.key)
+        if not kept:
+            return ir.passes.PassResult(model, False)
+        self._slice(dg, kept)
+        ctx = ApplyContext(model, dg, kept)
+        for fx in dg.fixups:
+            try:
+                fx.apply(ctx)
+            except (ValueError, IndexError, TypeError) as exc:
+                raise UnsupportedModelError(f"rewriting {fx.what} of node '{fx.node}' failed: {exc}") from exc
+        return ir.passes.PassResult(model, True)
+
+    @staticmethod
+    def _slice(dg: DependencyGraph, kept: dict[Dim, np.ndarray]) -> None:
+        by_value: dict[str, list[tuple[int, np.ndarray]]] = defaultdict(list)
+        for d, idx in kept.items():
+            if not d.virtual:
+                by_value[d.value].append((d.axis, idx))
+        for name, cuts in by_value.items():
+            v = dg.values.get(name)
+            if v is None:
+                continue
+            if v.const_value is not None:
+                arr = v.const_value.numpy()
+                for axis, idx in cuts:
+                    arr = np.take(arr, idx, axis=axis)
+                v.const_value = ir.tensor(np.ascontiguousarray(arr), name=v.name)
+                v.shape = ir.Shape(arr.shape)
+            elif v.shape is not None:
+                dims = list(v.shape)
+                for axis, idx in cuts:
+                    dims[axis] = int(idx.size)
+                v.shape = ir.Shape(dims)

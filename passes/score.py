@@ -1,0 +1,40 @@
+"""Analysis: score every group's channels with an importance criterion."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from spa.depgraph import DependencyGraph
+from spa.importance import group_scores
+
+
+@dataclass(frozen=True, slots=True)
+class Scores:
+    """Per group key: channel scores (None where the criterion does not apply)."""
+
+    by_key: dict
+    criterion: str
+
+    def __getitem__(self, key: str) -> np.ndarray | None:
+        return self.by_key.get(key)
+
+
+def score_groups(
+    dg: DependencyGraph,
+    criterion: str = "l1",
+    reduction: str = "mean",
+    normalization: str = "mean",
+    seed: int = 0,
+) -> Scores:
+    rng = np.random.default_rng(seed)
+    cache: dict[str, np.ndarray] = {}
+
+    def array_of(name: str) -> np.ndarray:
+        if name not in cache:
+            cache[name] = dg.values[name].const_value.numpy()
+        return cache[name]
+
+    by_key = {g.key: group_scores(g, array_of, criterion, reduction, normalization, rng) for g in dg.groups}
+    return Scores(by_key, criterion)

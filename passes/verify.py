@@ -1,0 +1,87 @@
+"""Analysis: is a model valid? Checker, strict shape inference, one onnxruntime run, and
+graph outputs with the same shapes as a reference model's."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from spa import runtime
+from spa.errors import ValidationError
+from spa.io import save, to_proto
+
+log = logging.getLogger("spa")
+_PROTO_LIMIT = 2_000_000_000
+
+
+@dataclass(slots=True)
+class VerifyReport:
+    checker: bool = False
+    ran: bool = False
+    output_shapes: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
+
+
+def check_structure(model: ir.Model) -> None:
+    """onnx.checker with full (strict) shape inference; raises ValidationError."""
+    try:
+        proto = to_proto(model)
+        if proto.ByteSize() < _PROTO_LIMIT:
+            onnx.checker.check_model(proto, full_check=True)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = save(model, Path(tmp) / "model.onnx")
+                onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ValidationError(f"the rewritten model is not valid ONNX: {exc}") from exc
+
+
+def _run(model: ir.Model, input_shapes, seed: int = 0):
+    sess = runtime.session(to_proto(model))
+    feeds = runtime.random_feeds(sess, input_shapes, seed)
+    return sess, feeds, sess.run(None, feeds)
+
+
+def _ort_error_types():
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, InvalidGraph, NotImplemented
+
+    return (Fail, InvalidArgument, InvalidGraph, NotImplemented, RuntimeError)
+
+
+def verify(model: ir.Model, reference: ir.Model | None = None, input_shapes: dict | None = None,
+           run: bool = True) -> VerifyReport:
+    """Raise ValidationError unless ``model`` is valid and, when run, keeps ``reference``'s
+    output shapes on the same inputs."""
+    report = VerifyReport()
+    check_structure(model)
+    report.checker = True
+    if not run:
+        return report
+    errors = _ort_error_types()
+    ref_shapes = None
+    if reference is not None:
+        try:
+            _, _, ref_out = _run(reference, input_shapes)
+            ref_shapes = [o.shape for o in ref_out]
+        except errors as exc:
+            report.notes.append(f"the input model does not run in onnxruntime with synthetic inputs ({exc}); "
+                                "pass input shapes to check the pruned model by running it")
+            log.warning(report.notes[-1])
+            return report
+    try:
+        sess, _, out = _run(model, input_shapes)
+    except errors as exc:
+        raise ValidationError(f"onnxruntime cannot run the rewritten model: {exc}") from exc
+    report.ran = True
+    names = [o.name for o in sess.get_outputs()]
+    report.output_shapes = {n: tuple(o.shape) for n, o in zip(names, out)}
+    if ref_shapes is not None:
+        for n, o, r in zip(names, out, ref_shapes):
+            if tuple(o.shape) != tuple(r):
+                raise ValidationError(f"graph output '{n}' changed shape: {tuple(r)} -> {tuple(o.shape)}")
+    return report

@@ -1,0 +1,75 @@
+"""Groups: sets of coupled dims that must lose the same channels together."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from spa.dims import Dim
+
+#: Roles a parameter dim can play in a group (set by the op rules).
+WEIGHT_ROLES = frozenset({"out", "in"})
+MAGNITUDE_ROLES = frozenset({"out", "in", "scale"})
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Member:
+    """One dim of a group and the group channel each of its indices belongs to."""
+
+    dim: Dim
+    channel: np.ndarray  # channel[i] = group channel of index i of this dim
+    role: str | None = None  # role of a parameter dim, else None
+    node: str | None = None  # node that gave the role
+    param: str | None = None  # initializer holding the values of this dim, if any
+
+    @property
+    def size(self) -> int:
+        return int(self.channel.shape[0])
+
+    def kept_indices(self, keep: np.ndarray) -> np.ndarray:
+        """Indices of this dim that survive when the group keeps channels ``keep``."""
+        return np.flatnonzero(np.isin(self.channel, keep))
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Group:
+    """A prunable unit: ``size`` channels; removing channel c removes, in every member,
+    the indices whose ``channel`` is c."""
+
+    id: int
+    key: str
+    size: int
+    members: tuple[Member, ...]
+    exact: bool = True  # False when a normalization over the pruned axis changes outputs
+
+    @property
+    def params(self) -> tuple[Member, ...]:
+        return tuple(m for m in self.members if m.param is not None and m.role is not None)
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(m.node for m in self.params if m.node))
+
+    def member(self, dim: Dim) -> Member | None:
+        for m in self.members:
+            if m.dim == dim:
+                return m
+        return None
+
+    def describe(self) -> str:
+        outs = [m for m in self.params if m.role == "out"]
+        ins = [m for m in self.params if m.role == "in"]
+        prod = ", ".join(dict.fromkeys(m.node for m in outs)) or "-"
+        cons = ", ".join(dict.fromkeys(m.node for m in ins)) or "-"
+        return f"{self.size} ch; produced by {prod}; consumed by {cons}"
+
+
+@dataclass(frozen=True, slots=True)
+class BlockedGroup:
+    """A parameter axis that cannot be pruned, and why."""
+
+    key: str
+    size: int | str | None
+    reason: str
+    nodes: tuple[str, ...]

@@ -1,0 +1,81 @@
+"""A pruning plan: per group, the channels to keep. Pure data, serialisable to JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from spa.errors import PlanError
+
+PLAN_FORMAT = "spa-plan"
+PLAN_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class GroupPlan:
+    """Keep channels ``keep`` (sorted group-channel indices) of the group named ``key``."""
+
+    key: str
+    size: int
+    keep: tuple[int, ...]
+
+    @property
+    def removed(self) -> int:
+        return self.size - len(self.keep)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    groups: tuple[GroupPlan, ...]
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def pruned_groups(self) -> tuple[GroupPlan, ...]:
+        return tuple(g for g in self.groups if g.removed)
+
+    def to_dict(self) -> dict:
+        return {
+            "format": PLAN_FORMAT,
+            "version": PLAN_VERSION,
+            "meta": self.meta,
+            "groups": [{"key": g.key, "size": g.size, "keep": list(g.keep)} for g in self.groups],
+        }
+
+    def to_json(self, path: str | os.PathLike | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=1)
+        if path is not None:
+            from spa.io import atomic_write_bytes
+
+            atomic_write_bytes(Path(path), text.encode())
+        return text
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Plan:
+        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
+            raise PlanError("not an SPA plan: expected a JSON object with \"format\": \"spa-plan\"")
+        if data.get("version") != PLAN_VERSION:
+            raise PlanError(f"plan version {data.get('version')!r} is not supported (expected {PLAN_VERSION})")
+        groups = []
+        for i, g in enumerate(data.get("groups", [])):
+            try:
+                key, size, keep = str(g["key"]), int(g["size"]), tuple(sorted(int(k) for k in g["keep"]))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise PlanError(f"plan group #{i} is malformed ({exc}); it needs key, size and keep") from exc
+            if not keep:
+                raise PlanError(f"plan group '{key}' keeps no channel; a group is never emptied")
+            if len(set(keep)) != len(keep) or keep[0] < 0 or keep[-1] >= size:
+                raise PlanError(f"plan group '{key}' has keep indices outside 0..{size - 1} or repeated")
+            groups.append(GroupPlan(key, size, keep))
+        return cls(tuple(groups), dict(data.get("meta", {})))
+
+    @classmethod
+    def from_json(cls, source: str | os.PathLike) -> Plan:
+        path = Path(source)
+        try:
+            text = path.read_text() if path.exists() else str(source)
+            data = json.loads(text)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise PlanError(f"cannot read plan {source}: {exc}") from exc
+        return cls.from_dict(data)

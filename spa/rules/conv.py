@@ -1,0 +1,69 @@
+"""Convolutions: Conv and ConvTranspose, plain, depthwise and grouped."""
+
+from __future__ import annotations
+
+from spa.dims import block
+from spa.rules.registry import RuleContext, register
+
+
+def _group_fixup(ctx: RuleContext, groups_dim):
+    node = ctx.node
+
+    def fix(apply) -> None:
+        if apply.is_pruned(groups_dim):
+            apply.set_attr(node, "group", apply.new_size(groups_dim))
+
+    ctx.fixup("group", fix)
+
+
+def _batch(ctx: RuleContext, x, y) -> None:
+    ctx.couple(ctx.dim(x, 0), ctx.dim(y, 0))
+
+
+@register("Conv")
+def conv(ctx: RuleContext) -> None:
+    """y[1] ~ W[0] ~ B[0]; x[1] ~ W[1] (group=1) or x[1]//(Cin/g) ~ y[1]//(Cout/g) (grouped)."""
+    x, w, b, y = ctx.inp(0), ctx.inp(1), ctx.inp(2), ctx.out(0)
+    group = int(ctx.attr("group", 1))
+    _batch(ctx, x, y)
+    ctx.couple(ctx.dim(y, 1), ctx.dim(w, 0))
+    ctx.role(ctx.dim(w, 0), "out")
+    if b is not None and b.name:
+        ctx.couple(ctx.dim(b, 0), ctx.dim(w, 0))
+        ctx.role(ctx.dim(b, 0), "bias")
+    if group == 1:
+        ctx.couple(ctx.dim(x, 1), ctx.dim(w, 1))
+        ctx.role(ctx.dim(w, 1), "in")
+        return
+    cin, cout = ctx.int_size(x, 1), ctx.int_size(w, 0)
+    if cin % group or cout % group:
+        ctx.refuse(f"group={group} does not divide {cin} input / {cout} output channels")
+    g = ctx.virtual("groups", group)
+    ctx.couple(ctx.dim(x, 1), g, block(cin // group))
+    ctx.couple(ctx.dim(y, 1), g, block(cout // group))
+    _group_fixup(ctx, g)
+
+
+@register("ConvTranspose")
+def conv_transpose(ctx: RuleContext) -> None:
+    """x[1] ~ W[0]; y[1] ~ W[1] ~ B[0] (group=1); grouped: whole groups, as for Conv."""
+    x, w, b, y = ctx.inp(0), ctx.inp(1), ctx.inp(2), ctx.out(0)
+    group = int(ctx.attr("group", 1))
+    _batch(ctx, x, y)
+    ctx.couple(ctx.dim(x, 1), ctx.dim(w, 0))
+    if b is not None and b.name:
+        ctx.couple(ctx.dim(b, 0), ctx.dim(y, 1))
+        ctx.role(ctx.dim(b, 0), "bias")
+    if group == 1:
+        ctx.role(ctx.dim(w, 0), "in")
+        ctx.couple(ctx.dim(y, 1), ctx.dim(w, 1))
+        ctx.role(ctx.dim(w, 1), "out")
+        return
+    ctx.role(ctx.dim(w, 0), "out")
+    cin, cout = ctx.int_size(x, 1), ctx.int_size(y, 1)
+    if cin % group or cout % group:
+        ctx.refuse(f"group={group} does not divide {cin} input / {cout} output channels")
+    g = ctx.virtual("groups", group)
+    ctx.couple(ctx.dim(x, 1), g, block(cin // group))
+    ctx.couple(ctx.dim(y, 1), g, block(cout // group))
+    _group_fixup(ctx, g)

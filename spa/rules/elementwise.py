@@ -1,0 +1,83 @@
+"""Elementwise families: unary ops (identity on every axis) and broadcasting n-ary ops."""
+
+from __future__ import annotations
+
+from spa.rules.registry import RuleContext, register, register_family
+
+UNARY_OPS = frozenset(
+    """Relu LeakyRelu Sigmoid Tanh HardSigmoid HardSwish Elu Selu Celu Gelu Mish Softplus
+    Softsign ThresholdedRelu Shrink Erf Exp Log Neg Abs Sqrt Reciprocal Floor Ceil Round Sign
+    Sin Cos Tan Asin Acos Atan Sinh Cosh Asinh Acosh Atanh Not IsNaN IsInf BitwiseNot
+    Identity Cast Clip Dropout Swish""".split()
+)
+
+BROADCAST_OPS = frozenset(
+    """Add Sub Mul Div Pow Max Min Sum Mean Where Equal Greater Less GreaterOrEqual LessOrEqual
+    And Or Xor Mod BitShift BitwiseAnd BitwiseOr BitwiseXor PRelu""".split()
+)
+
+# Scalar-or-optional side inputs of unary ops (Clip's min/max, Dropout's ratio/training_mode).
+_SIDE_INPUTS_FROM = 1
+
+
+def unary(ctx: RuleContext) -> None:
+    """y[a] = f(x[a]) on every axis a; extra outputs (Dropout's mask) likewise."""
+    x = ctx.inp(0)
+    for i, y in enumerate(ctx.node.outputs):
+        if y is None or not y.name:
+            continue
+        for a, (dx, dy) in enumerate(zip(ctx.dims(x), ctx.dims(y))):
+            ctx.couple(dx, dy)
+    if ctx.op == "Dropout" and ctx.attr("training_mode") is None:
+        training = ctx.const(ctx.inp(2))
+        if training is not None and bool(training):
+            ctx.refuse("Dropout runs in training mode")
+    for side in ctx.node.inputs[_SIDE_INPUTS_FROM:]:
+        if side is not None and side.shape is not None:
+            for d in ctx.dims(side):
+                ctx.free(d)
+
+
+def _same(a, b) -> bool:
+    return a is not None and b is not None and a == b
+
+
+def couple_broadcast(ctx: RuleContext, inputs, out, param_role: str | None = None) -> None:
+    """Numpy broadcasting: an input axis of size 1 ties to nothing; an equal one ties to out."""
+    out_shape = ctx.shape(out)
+    r_out = len(out_shape)
+    out_dims = ctx.dims(out)
+    for v in inputs:
+        if v is None or not v.name:
+            continue
+        shape = ctx.shape(v)
+        lead = r_out - len(shape)
+        if lead < 0:
+            ctx.refuse(f"input '{v.name}' has a higher rank than the output")
+        is_param = param_role is not None and v.const_value is not None
+        for a, s in enumerate(shape):
+            d = ctx.dim(v, a)
+            so = out_shape[a + lead]
+            if s == 1 or so == 1:
+                ctx.free(d)
+            elif _same(s, so):
+                ctx.couple(d, out_dims[a + lead])
+                if is_param:
+                    ctx.role(d, param_role)
+            else:
+                ctx.block(d, f"cannot tell whether axis {a} of '{v.name}' broadcasts in {ctx.op} '{ctx.name}'")
+    for d, so in zip(out_dims, out_shape):
+        if so == 1:
+            ctx.free(d)
+
+
+def broadcast(ctx: RuleContext) -> None:
+    """out[a] = f(in_k[a - lead_k]) for every input axis that is not broadcast from size 1."""
+    role = "param" if ctx.op in ("Mul", "Div", "Add", "Sub", "PRelu") else None
+    couple_broadcast(ctx, ctx.node.inputs, ctx.out(0), role)
+
+
+register_family(UNARY_OPS, unary)
+register_family(BROADCAST_OPS, broadcast)
+register_family(("Gelu", "QuickGelu"), unary, domain="com.microsoft")
+register("FastGelu", "BiasGelu", domain="com.microsoft")(broadcast)

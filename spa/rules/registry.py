@@ -1,0 +1,197 @@
+"""The op-rule table: one coupling rule per (domain, op_type), registered in bulk by family.
+
+A rule reads one node through a :class:`RuleContext` and declares
+  * couplings between dims (with an index map),
+  * dims it blocks (with a reason) or leaves free (touched, but unconstrained),
+  * roles of parameter dims (``out``/``in``/``bias``/``scale``/``stat``/``param``),
+  * fix-ups: closures that rewrite attributes or shape constants once the plan is known.
+Any axis of the node's inputs and outputs that the rule does not mention is blocked, so an
+op is never silently treated as elementwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+import numpy as np
+
+from spa.dims import IDENTITY, Dim, IndexMap
+
+if TYPE_CHECKING:  # pragma: no cover
+    import onnx_ir as ir
+
+Size = "int | str | None"
+Rule = Callable[["RuleContext"], None]
+
+_RULES: dict[tuple[str, str], Rule] = {}
+
+
+def _norm_domain(domain: str) -> str:
+    return "" if domain in ("", "ai.onnx") else domain
+
+
+def register(*op_types: str, domain: str = "") -> Callable[[Rule], Rule]:
+    """Decorator: register ``rule`` for every op type given."""
+
+    def deco(rule: Rule) -> Rule:
+        for op in op_types:
+            _RULES[(_norm_domain(domain), op)] = rule
+        return rule
+
+    return deco
+
+
+def register_family(ops: Iterable[str], rule: Rule, domain: str = "") -> None:
+    for op in ops:
+        _RULES[(_norm_domain(domain), op)] = rule
+
+
+def lookup(domain: str, op_type: str) -> Rule | None:
+    return _RULES.get((_norm_domain(domain), op_type))
+
+
+def registered_ops() -> list[tuple[str, str]]:
+    return sorted(_RULES)
+
+
+class RuleRefusal(Exception):
+    """Raised by a rule that cannot handle this node's configuration."""
+
+
+@dataclass(slots=True)
+class Edge:
+    src: Dim
+    dst: Dim
+    map: IndexMap
+    node: str
+    op: str
+
+
+@dataclass(slots=True)
+class Fixup:
+    """A rewrite a rule asks for once kept channels are known (attribute or shape constant)."""
+
+    node: str
+    what: str
+    apply: Callable[[Any], None]
+
+
+@dataclass(slots=True)
+class RuleOutput:
+    edges: list[Edge] = field(default_factory=list)
+    blocked: dict[Dim, str] = field(default_factory=dict)
+    mentioned: set[Dim] = field(default_factory=set)
+    roles: dict[Dim, tuple[str, str]] = field(default_factory=dict)
+    fixups: list[Fixup] = field(default_factory=list)
+    sizes: dict[Dim, Any] = field(default_factory=dict)
+    inexact: set[Dim] = field(default_factory=set)
+
+
+def static_size(dim: Any) -> int | str | None:
+    """Normalise an onnx-ir shape entry to int, symbol name or None."""
+    if isinstance(dim, int):
+        return dim
+    value = getattr(dim, "value", None)
+    if isinstance(value, int):
+        return value
+    return value if isinstance(value, str) else None
+
+
+class RuleContext:
+    """What a rule sees of one node, and where it writes its declarations."""
+
+    def __init__(self, node: ir.Node, opset: int, out: RuleOutput):
+        self.node = node
+        self.op = node.op_type
+        self.name = node.name or f"<{node.op_type}>"
+        self.opset = opset
+        self._out = out
+
+    # ---- reading -----------------------------------------------------------------------
+    def inp(self, i: int) -> ir.Value | None:
+        inputs = self.node.inputs
+        return inputs[i] if i < len(inputs) else None
+
+    def out(self, i: int = 0) -> ir.Value | None:
+        outputs = self.node.outputs
+        return outputs[i] if i < len(outputs) else None
+
+    def shape(self, v: ir.Value) -> tuple:
+        """Static shape of ``v`` (entries int, symbol name or None); refuses when unknown."""
+        if v.shape is None:
+            raise RuleRefusal(f"the shape of '{v.name}' is unknown")
+        return tuple(static_size(d) for d in v.shape)
+
+    def rank(self, v: ir.Value) -> int:
+        return len(self.shape(v))
+
+    def size(self, v: ir.Value, axis: int) -> int | str | None:
+        shape = self.shape(v)
+        return shape[axis]
+
+    def int_size(self, v: ir.Value, axis: int) -> int:
+        s = self.size(v, axis)
+        if not isinstance(s, int):
+            raise RuleRefusal(f"axis {axis} of '{v.name}' has no static size")
+        return s
+
+    def dim(self, v: ir.Value, axis: int) -> Dim:
+        r = self.rank(v)
+        if not -r <= axis < r:
+            raise RuleRefusal(f"axis {axis} out of range for '{v.name}' of rank {r}")
+        axis %= r
+        d = Dim(v.name, axis)
+        self._out.sizes.setdefault(d, self.shape(v)[axis])
+        return d
+
+    def dims(self, v: ir.Value) -> list[Dim]:
+        return [self.dim(v, a) for a in range(self.rank(v))]
+
+    def const(self, v: ir.Value | None) -> np.ndarray | None:
+        """The constant value of ``v`` (initializer or folded Constant), else None."""
+        if v is None or v.const_value is None:
+            return None
+        return v.const_value.numpy()
+
+    def require_const(self, v: ir.Value | None, what: str) -> np.ndarray:
+        arr = self.const(v)
+        if arr is None:
+            raise RuleRefusal(f"{what} is not a constant")
+        return arr
+
+    def attr(self, name: str, default: Any = None) -> Any:
+        a = self.node.attributes.get(name)
+        return default if a is None else a.value
+
+    # ---- declaring ---------------------------------------------------------------------
+    def couple(self, a: Dim, b: Dim, imap: IndexMap = IDENTITY) -> None:
+        """Tie dim ``a`` to dim ``b``: index i of ``a`` is index ``imap(i)`` of ``b``."""
+        self._out.edges.append(Edge(a, b, imap, self.name, self.op))
+        self._out.mentioned.update((a, b))
+
+    def block(self, d: Dim, reason: str) -> None:
+        self._out.blocked.setdefault(d, reason)
+        self._out.mentioned.add(d)
+
+    def free(self, d: Dim) -> None:
+        """``d`` is touched by this node but not constrained by it."""
+        self._out.mentioned.add(d)
+
+    def role(self, d: Dim, role: str) -> None:
+        self._out.roles.setdefault(d, (role, self.name))
+
+    def inexact(self, d: Dim) -> None:
+        """Pruning ``d`` changes the outputs beyond masking (e.g. a norm over it)."""
+        self._out.inexact.add(d)
+
+    def virtual(self, tag: str, size: int) -> Dim:
+        d = Dim(f"{self.name}#{tag}", 0, virtual=True)
+        self._out.sizes[d] = size
+        return d
+
+    def fixup(self, what: str, fn: Callable[[Any], None]) -> None:
+        self._out.fixups.append(Fixup(self.name, what, fn))
+
+    def refuse(self, reason: str) -> None:
+        raise RuleRefusal(reason)

@@ -1,0 +1,256 @@
+"""Ops that place one tensor's axis at an offset of another: Concat, Split, Slice, Pad,
+Gather, and ops whose shape operands must follow a pruned axis: Expand, Tile, Resize,
+ConstantOfShape."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from spa.dims import offset
+from spa.rules.elementwise import couple_broadcast
+from spa.rules.registry import RuleContext, register
+
+
+def _free_inputs(ctx: RuleContext, start: int) -> None:
+    for v in ctx.node.inputs[start:]:
+        if v is not None and v.name and v.shape is not None:
+            for d in ctx.dims(v):
+                ctx.free(d)
+
+
+def _other_axes_identity(ctx: RuleContext, x, y, axis: int) -> None:
+    for a in range(ctx.rank(x)):
+        if a != axis:
+            ctx.couple(ctx.dim(x, a), ctx.dim(y, a))
+
+
+@register("Concat")
+def concat(ctx: RuleContext) -> None:
+    """y[axis] index off_k + i ~ x_k[axis] index i; other axes identity."""
+    y = ctx.out(0)
+    axis = int(ctx.attr("axis")) % ctx.rank(y)
+    off = 0
+    for x in ctx.node.inputs:
+        _other_axes_identity(ctx, x, y, axis)
+        ctx.couple(ctx.dim(x, axis), ctx.dim(y, axis), offset(off))
+        off += ctx.int_size(x, axis)
+
+
+@register("Split")
+def split(ctx: RuleContext) -> None:
+    """y_k[axis] index i ~ x[axis] index off_k + i; split sizes follow the new sizes."""
+    x = ctx.inp(0)
+    axis = int(ctx.attr("axis", 0)) % ctx.rank(x)
+    outs = [o for o in ctx.node.outputs]
+    off = 0
+    for y in outs:
+        _other_axes_identity(ctx, x, y, axis)
+        ctx.couple(ctx.dim(y, axis), ctx.dim(x, axis), offset(off))
+        off += ctx.int_size(y, axis)
+    _free_inputs(ctx, 1)
+    node, out_dims, opset = ctx.node, [ctx.dim(y, axis) for y in outs], ctx.opset
+
+    def fix(apply) -> None:
+        if not any(apply.is_pruned(d) for d in out_dims):
+            return
+        sizes = np.array([apply.new_size(d) for d in out_dims], dtype=np.int64)
+        if opset < 13:
+            apply.set_attr(node, "split", [int(s) for s in sizes])
+        else:
+            apply.remove_attr(node, "num_outputs")
+            apply.set_input_const(node, 1, sizes)
+
+    ctx.fixup("split", fix)
+
+
+def _slice_params(ctx: RuleContext, x):
+    starts = ctx.require_const(ctx.inp(1), "Slice starts").astype(np.int64)
+    ends = ctx.require_const(ctx.inp(2), "Slice ends").astype(np.int64)
+    r = ctx.rank(x)
+    axes = ctx.const(ctx.inp(3))
+    axes = np.arange(len(starts)) if axes is None else axes.astype(np.int64) % r
+    steps = ctx.const(ctx.inp(4))
+    steps = np.ones(len(starts), np.int64) if steps is None else steps.astype(np.int64)
+    return starts, ends, axes, steps
+
+
+@register("Slice")
+def slice_(ctx: RuleContext) -> None:
+    """y[a] index i ~ x[a] index start_a + i (step 1); untouched axes identity."""
+    x, y = ctx.inp(0), ctx.out(0)
+    starts, ends, axes, steps = _slice_params(ctx, x)
+    sliced = {}
+    for s, e, a, st in zip(starts, ends, axes, steps):
+        sliced[int(a)] = (int(s), int(e), int(st))
+    for a in range(ctx.rank(x)):
+        if a not in sliced:
+            ctx.couple(ctx.dim(x, a), ctx.dim(y, a))
+            continue
+        s, e, st = sliced[a]
+        n = ctx.size(x, a)
+        if st != 1 or not isinstance(n, int):
+            continue  # strided or dynamic slice along this axis: left untied, so blocked
+        start = min(max(s + n if s < 0 else s, 0), n)
+        ctx.couple(ctx.dim(y, a), ctx.dim(x, a), offset(start))
+    _free_inputs(ctx, 1)
+    node, x_dims, y_dims = ctx.node, ctx.dims(x), ctx.dims(y)
+    ax_list = [int(a) for a in axes]
+
+    def fix(apply) -> None:
+        new_starts, new_ends = starts.copy(), ends.copy()
+        changed = False
+        for k, a in enumerate(ax_list):
+            dx, dy = x_dims[a], y_dims[a]
+            if not (apply.is_pruned(dx) or apply.is_pruned(dy)):
+                continue
+            n = apply.old_size(dx)
+            start = min(max(starts[k] + n if starts[k] < 0 else starts[k], 0), n)
+            kept_x = apply.kept(dx)
+            new_start = int(np.count_nonzero(kept_x < start)) if kept_x is not None else start
+            new_starts[k] = new_start
+            new_ends[k] = new_start + apply.new_size(dy)
+            changed = True
+        if changed:
+            apply.set_input_const(node, 1, new_starts)
+            apply.set_input_const(node, 2, new_ends)
+            if len(node.inputs) < 4 or node.inputs[3] is None:
+                apply.set_input_const(node, 3, np.array(ax_list, dtype=np.int64))
+
+    ctx.fixup("starts/ends", fix)
+
+
+@register("Pad")
+def pad(ctx: RuleContext) -> None:
+    """y[a] ~ x[a] on every axis with zero padding; padded axes stay untied."""
+    x, y = ctx.inp(0), ctx.out(0)
+    r = ctx.rank(x)
+    pads = ctx.const(ctx.inp(1)) if ctx.opset >= 11 else np.array(ctx.attr("pads"))
+    if pads is None:
+        ctx.refuse("Pad amounts are not constant")
+    axes = ctx.const(ctx.inp(3)) if len(ctx.node.inputs) > 3 else None
+    axes = list(range(r)) if axes is None else [int(a) % r for a in axes]
+    padded = {a for k, a in enumerate(axes) if pads[k] != 0 or pads[k + len(axes)] != 0}
+    for a in range(r):
+        if a not in padded:
+            ctx.couple(ctx.dim(x, a), ctx.dim(y, a))
+    _free_inputs(ctx, 1)
+
+
+@register("Gather")
+def gather(ctx: RuleContext) -> None:
+    """y = x[..., idx, ...]: x axes other than `axis` ~ y; indices axes ~ y[axis:axis+q]."""
+    x, idx, y = ctx.inp(0), ctx.inp(1), ctx.out(0)
+    r = ctx.rank(x)
+    axis = int(ctx.attr("axis", 0)) % r
+    q = ctx.rank(idx)
+    for a in range(r):
+        if a < axis:
+            ctx.couple(ctx.dim(x, a), ctx.dim(y, a))
+        elif a > axis:
+            ctx.couple(ctx.dim(x, a), ctx.dim(y, a + q - 1))
+    for a in range(q):
+        ctx.couple(ctx.dim(idx, a), ctx.dim(y, axis + a))
+
+
+@register("Expand")
+def expand(ctx: RuleContext) -> None:
+    """Broadcast x to y; literal entries of the shape operand follow a pruned axis."""
+    x, shape_in, y = ctx.inp(0), ctx.inp(1), ctx.out(0)
+    couple_broadcast(ctx, [x], y)
+    _free_inputs(ctx, 1)
+    target = ctx.const(shape_in)
+    if target is None:
+        return
+    node, y_dims = ctx.node, ctx.dims(y)
+    lead = len(y_dims) - len(target)
+
+    def fix(apply) -> None:
+        new = np.array(target, dtype=np.int64).copy()
+        changed = False
+        for k in range(len(new)):
+            d = y_dims[k + lead]
+            if apply.is_pruned(d) and new[k] > 1:
+                new[k] = apply.new_size(d)
+                changed = True
+        if changed:
+            apply.set_input_const(node, 1, new)
+
+    ctx.fixup("shape", fix)
+
+
+@register("Tile")
+def tile(ctx: RuleContext) -> None:
+    """y[a] ~ x[a] on axes repeated once; tiled axes stay untied."""
+    x, y = ctx.inp(0), ctx.out(0)
+    repeats = ctx.require_const(ctx.inp(1), "Tile repeats")
+    for a, rep in enumerate(repeats):
+        if int(rep) == 1:
+            ctx.couple(ctx.dim(x, a), ctx.dim(y, a))
+    _free_inputs(ctx, 1)
+
+
+def _resize_factors(ctx: RuleContext, x):
+    """Per-axis (scale, size) operands of Resize/Upsample, None where absent."""
+    r = ctx.rank(x)
+    if ctx.op == "Upsample":
+        scales = ctx.const(ctx.inp(1)) if ctx.opset >= 9 else np.array(ctx.attr("scales"))
+        return scales, None, list(range(r))
+    scales = ctx.const(ctx.inp(2)) if len(ctx.node.inputs) > 2 and ctx.inp(2) is not None else None
+    sizes = ctx.const(ctx.inp(3)) if len(ctx.node.inputs) > 3 and ctx.inp(3) is not None else None
+    if scales is not None and scales.size == 0:
+        scales = None
+    if scales is None and sizes is None:
+        ctx.refuse("Resize scales/sizes are not constant")
+    axes = ctx.attr("axes")
+    axes = list(range(r)) if axes is None else [int(a) % r for a in axes]
+    return scales, sizes, axes
+
+
+@register("Resize", "Upsample")
+def resize(ctx: RuleContext) -> None:
+    """y[a] ~ x[a] on axes with scale 1 (or size equal to the input's); sizes follow."""
+    x, y = ctx.inp(0), ctx.out(0)
+    scales, sizes, axes = _resize_factors(ctx, x)
+    for k, a in enumerate(axes):
+        same = (scales is not None and float(scales[k]) == 1.0) or (
+            sizes is not None and int(sizes[k]) == ctx.size(x, a)
+        )
+        if same:
+            ctx.couple(ctx.dim(x, a), ctx.dim(y, a))
+    _free_inputs(ctx, 1)
+    if sizes is None:
+        return
+    node, y_dims = ctx.node, ctx.dims(y)
+
+    def fix(apply) -> None:
+        new = np.array(sizes, dtype=np.int64).copy()
+        changed = False
+        for k, a in enumerate(axes):
+            if apply.is_pruned(y_dims[a]):
+                new[k] = apply.new_size(y_dims[a])
+                changed = True
+        if changed:
+            apply.set_input_const(node, 3, new)
+
+    ctx.fixup("sizes", fix)
+
+
+@register("ConstantOfShape")
+def constant_of_shape(ctx: RuleContext) -> None:
+    """y[a] has size shape[a]: the shape operand follows a pruned axis of y."""
+    shape_in, y = ctx.inp(0), ctx.out(0)
+    target = ctx.require_const(shape_in, "ConstantOfShape shape")
+    for d in ctx.dims(y):
+        ctx.free(d)
+    _free_inputs(ctx, 0)
+    node, y_dims = ctx.node, ctx.dims(y)
+
+    def fix(apply) -> None:
+        new = np.array(target, dtype=np.int64).copy()
+        pruned = [a for a, d in enumerate(y_dims) if apply.is_pruned(d)]
+        for a in pruned:
+            new[a] = apply.new_size(y_dims[a])
+        if pruned:
+            apply.set_input_const(node, 0, new)
+
+    ctx.fixup("shape", fix)

@@ -1,0 +1,121 @@
+"""Layout ops: Reshape, Flatten, Squeeze, Unsqueeze (one stride rule) and Transpose."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+from spa.dims import IDENTITY, block
+from spa.rules.registry import RuleContext, register
+
+
+@dataclass(frozen=True)
+class _Prod:
+    """A product of static sizes and named symbolic sizes."""
+
+    num: int
+    syms: tuple[str, ...] = ()
+
+    def __mul__(self, size) -> _Prod:
+        if isinstance(size, int):
+            return _Prod(self.num * size, self.syms)
+        return _Prod(self.num, tuple(sorted(self.syms + (size,))))
+
+    def ratio(self, other: _Prod) -> int | None:
+        """self / other when it is a whole static number, else None."""
+        if Counter(self.syms) != Counter(other.syms) or other.num == 0 or self.num % other.num:
+            return None
+        return self.num // other.num
+
+
+def _strides(shape) -> list[tuple[_Prod, _Prod]]:
+    """(stride, stride*size) of every axis of a row-major tensor."""
+    out = []
+    acc = _Prod(1)
+    for s in reversed(shape):
+        stride = acc
+        acc = acc * s
+        out.append((stride, acc))
+    return out[::-1]
+
+
+def couple_view(ctx: RuleContext, x, y) -> None:
+    """Ties axes of a row-major view that share the flat range they span.
+
+    Axes i (input) and j (output) with the same ``stride*size`` are tied: identity when the
+    strides match, else the finer axis maps onto the coarser one by ``i // (ratio)``. Axes
+    that span no common range (inner parts of a fold) stay untied, hence blocked.
+    """
+    xs, ys = ctx.shape(x), ctx.shape(y)
+    if any(s is None for s in xs + ys):
+        ctx.refuse(f"'{x.name}' -> '{y.name}' has a dimension of unknown size")
+    xb, yb = _strides(xs), _strides(ys)
+    by_upper = {}
+    for j, (st, up) in enumerate(yb):
+        if ys[j] != 1:
+            by_upper[up] = j
+    for i, (xst, xup) in enumerate(xb):
+        if xs[i] == 1:
+            ctx.free(ctx.dim(x, i))
+            continue
+        j = by_upper.get(xup)
+        if j is None:
+            continue
+        yst = yb[j][0]
+        if xst == yst:
+            ctx.couple(ctx.dim(x, i), ctx.dim(y, j), IDENTITY)
+        elif (r := xst.ratio(yst)) is not None:  # output axis is finer
+            ctx.couple(ctx.dim(y, j), ctx.dim(x, i), block(r))
+        elif (r := yst.ratio(xst)) is not None:  # input axis is finer
+            ctx.couple(ctx.dim(x, i), ctx.dim(y, j), block(r))
+    for j, s in enumerate(ys):
+        if s == 1:
+            ctx.free(ctx.dim(y, j))
+
+
+@register("Reshape")
+def reshape(ctx: RuleContext) -> None:
+    """View rule; literal entries of the target shape follow the new sizes (0 and -1 stay)."""
+    x, shape_in, y = ctx.inp(0), ctx.inp(1), ctx.out(0)
+    couple_view(ctx, x, y)
+    for d in ctx.dims(shape_in):
+        ctx.free(d)
+    target = ctx.const(shape_in)
+    node = ctx.node
+    out_dims = ctx.dims(y)
+    if target is None:
+        return  # computed at run time from Shape: follows the pruned tensor by itself
+
+    def fix(apply) -> None:
+        new = np.array(target, dtype=np.int64).copy()
+        changed = False
+        for j, d in enumerate(out_dims):
+            if apply.is_pruned(d) and new[j] not in (0, -1):
+                new[j] = apply.new_size(d)
+                changed = True
+        if changed:
+            apply.set_input_const(node, 1, new)
+
+    ctx.fixup("shape", fix)
+
+
+@register("Flatten", "Squeeze", "Unsqueeze")
+def flatten_like(ctx: RuleContext) -> None:
+    """View rule (Flatten folds C*H*W: column c*H*W+k ~ channel c)."""
+    couple_view(ctx, ctx.inp(0), ctx.out(0))
+    axes = ctx.inp(1)
+    if axes is not None and axes.name and axes.shape is not None:
+        for d in ctx.dims(axes):
+            ctx.free(d)
+
+
+@register("Transpose")
+def transpose(ctx: RuleContext) -> None:
+    """y[i] ~ x[perm[i]]."""
+    x, y = ctx.inp(0), ctx.out(0)
+    r = ctx.rank(x)
+    perm = ctx.attr("perm") or list(range(r))[::-1]
+    for i, p in enumerate(perm):
+        ctx.couple(ctx.dim(x, int(p)), ctx.dim(y, i))

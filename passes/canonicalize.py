@@ -2,7 +2,7 @@
 
 Initializers out of the graph inputs, Constant nodes lifted to initializers, local functions
 inlined, constants folded (shape arithmetic, Identity/Dropout) by onnxscript's optimizer,
-unused nodes removed, shapes inferred. All steps are onnx-ir / onnxscript passes.
+unused nodes removed, shapes inferred (and completed where inference stops). All steps are onnx-ir / onnxscript passes.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import logging
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 from onnxscript.optimizer import fold_constants
+
+from spa.passes.complete_shapes import CompleteShapesPass
 
 log = logging.getLogger("spa")
 
@@ -37,8 +39,9 @@ class CanonicalizePass(ir.passes.InPlacePass):
             common.IdentityEliminationPass(),
             common.RemoveUnusedNodesPass(),
             common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
-            common.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True),
             common.TopologicalSortPass(),
+            common.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True),
+            CompleteShapesPass(),
         )
         result = seq(model)
         return ir.passes.PassResult(model, result.modified)

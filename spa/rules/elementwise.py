@@ -8,7 +8,7 @@ UNARY_OPS = frozenset(
     """Relu LeakyRelu Sigmoid Tanh HardSigmoid HardSwish Elu Selu Celu Gelu Mish Softplus
     Softsign ThresholdedRelu Shrink Erf Exp Log Neg Abs Sqrt Reciprocal Floor Ceil Round Sign
     Sin Cos Tan Asin Acos Atan Sinh Cosh Asinh Acosh Atanh Not IsNaN IsInf BitwiseNot
-    Identity Cast Clip Dropout Swish""".split()
+    Identity Cast CastLike Clip Dropout Swish""".split()
 )
 
 BROADCAST_OPS = frozenset(
@@ -16,7 +16,7 @@ BROADCAST_OPS = frozenset(
     And Or Xor Mod BitShift BitwiseAnd BitwiseOr BitwiseXor PRelu""".split()
 )
 
-# Scalar-or-optional side inputs of unary ops (Clip's min/max, Dropout's ratio/training_mode).
+# Side inputs of unary ops (Clip min/max, Dropout ratio/training_mode, CastLike target): free.
 _SIDE_INPUTS_FROM = 1
 
 

@@ -107,6 +107,7 @@ class RuleContext:
         self.name = node.name or f"<{node.op_type}>"
         self.opset = opset
         self._out = out
+        self._unknown: set[str] = set()
 
     # ---- reading -----------------------------------------------------------------------
     def inp(self, i: int) -> ir.Value | None:
@@ -137,6 +138,10 @@ class RuleContext:
         return s
 
     def dim(self, v: ir.Value, axis: int) -> Dim:
+        if v.shape is None and axis >= 0:
+            # Unknown shape: the dim exists but cannot be sized; couple() blocks what it meets.
+            self._unknown.add(v.name)
+            return Dim(v.name, axis)
         r = self.rank(v)
         if not -r <= axis < r:
             raise RuleRefusal(f"axis {axis} out of range for '{v.name}' of rank {r}")
@@ -167,6 +172,12 @@ class RuleContext:
     # ---- declaring ---------------------------------------------------------------------
     def couple(self, a: Dim, b: Dim, imap: IndexMap = IDENTITY) -> None:
         """Tie dim ``a`` to dim ``b``: index i of ``a`` is index ``imap(i)`` of ``b``."""
+        unknown = next((d for d in (a, b) if d.value in self._unknown), None)
+        if unknown is not None:
+            for d in (a, b):
+                if d.value not in self._unknown:
+                    self.block(d, f"tied by {self.op} '{self.name}' to '{unknown.value}', whose shape is unknown")
+            return
         self._out.edges.append(Edge(a, b, imap, self.name, self.op))
         self._out.mentioned.update((a, b))
 
@@ -179,6 +190,8 @@ class RuleContext:
         self._out.mentioned.add(d)
 
     def role(self, d: Dim, role: str) -> None:
+        if d.value in self._unknown:
+            return
         self._out.roles.setdefault(d, (role, self.name))
 
     def inexact(self, d: Dim) -> None:

@@ -1,0 +1,216 @@
+"""The ``spa`` command line: inspect, prune, apply, bench, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+from spa.errors import ArgumentError, SpaError
+from spa.importance import CRITERIA, NORMALIZATIONS, REDUCTIONS
+from spa.progress import Progress
+
+
+def _input_shapes(specs: list[str] | None) -> dict | None:
+    """``name=1,3,224,224`` (one input) or ``symbol=8`` (a symbolic dim)."""
+    if not specs:
+        return None
+    shapes = {}
+    for spec in specs:
+        name, sep, dims = spec.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            values = [int(d) for d in dims.split(",") if d]
+        except ValueError:
+            raise ArgumentError(f"--input-shape {spec!r}: expected NAME=D1,D2,... or SYMBOL=N") from None
+        shapes[name] = values if len(values) != 1 else values[0]
+        if isinstance(shapes[name], int) and "," in dims:
+            shapes[name] = [shapes[name]]
+    return shapes
+
+
+def _add_shape_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input-shape", action="append", metavar="NAME=D1,D2,..",
+                   help="concrete shape of an input (or value of a symbolic dim) for running the model; "
+                        "repeatable. Default: symbolic batch 1, other symbolic dims 16 (64 for image axes)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spa", description="SPA - structurally prune any ONNX model.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log decisions (kept groups, notes)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    ins = sub.add_parser("inspect", help="list prunable groups, blocked axes and barriers")
+    ins.add_argument("model")
+    ins.add_argument("--json", metavar="FILE", help="also write the full report (every member) as JSON")
+    ins.add_argument("--all", action="store_true", help="list every barrier, also those on shape computations")
+
+    pr = sub.add_parser("prune", help="prune a model and write a smaller one")
+    pr.add_argument("model")
+    pr.add_argument("-o", "--output", required=True)
+    pr.add_argument("--ratio", type=float, required=True, help="fraction of channels to remove, in [0, 1)")
+    pr.add_argument("--criterion", default="l1", choices=CRITERIA)
+    pr.add_argument("--reduction", default="mean", choices=REDUCTIONS, help="how member scores combine")
+    pr.add_argument("--normalization", default="mean", choices=NORMALIZATIONS, help="per-group score normalization")
+    pr.add_argument("--global", dest="global_pruning", action="store_true",
+                    help="rank channels across all groups instead of the same ratio per group")
+    pr.add_argument("--round-to", type=int, default=1, metavar="N", help="kept channel counts are multiples of N")
+    pr.add_argument("--protect", nargs="+", default=[], metavar="NAME",
+                    help="node or parameter names (globs) whose groups are never pruned")
+    pr.add_argument("--plan-out", metavar="FILE", help="write the plan as JSON (for spa apply)")
+    pr.add_argument("--seed", type=int, default=0, help="seed of the random criterion")
+    pr.add_argument("--no-verify", action="store_true", help="skip the onnxruntime run (the checker still runs)")
+    _add_shape_arg(pr)
+
+    ap = sub.add_parser("apply", help="apply a JSON plan to a model")
+    ap.add_argument("model")
+    ap.add_argument("plan")
+    ap.add_argument("-o", "--output", required=True)
+    _add_shape_arg(ap)
+
+    be = sub.add_parser("bench", help="params, MACs and median onnxruntime latency, side by side")
+    be.add_argument("model")
+    be.add_argument("other", nargs="?")
+    be.add_argument("--runs", type=int, default=30)
+    be.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    _add_shape_arg(be)
+
+    de = sub.add_parser("demo", help="build a small ResNet, prune it 50%%, verify it and compare")
+    de.add_argument("--ratio", type=float, default=0.5)
+    de.add_argument("--out", metavar="DIR", help="keep dense.onnx and pruned.onnx here")
+    return p
+
+
+def _cmd_inspect(args) -> int:
+    import spa
+    from spa.report import inspect_dict, inspect_text
+
+    prog = Progress(True)
+    with prog.step(f"loading {args.model}"):
+        model = spa.load(args.model)
+    with prog.step("discovering groups"):
+        dg = spa.dependency_graph(model)
+        dg.groups
+    print(inspect_text(dg, args.all))
+    if args.json:
+        from spa.io import atomic_write_bytes
+
+        atomic_write_bytes(Path(args.json), json.dumps(inspect_dict(dg), indent=1).encode())
+        prog.note(f"wrote {args.json}")
+    return 0
+
+
+def _cmd_prune(args) -> int:
+    import spa
+
+    prog = Progress(True)
+    result = spa.prune(
+        args.model, args.ratio, criterion=args.criterion, reduction=args.reduction,
+        normalization=args.normalization, global_pruning=args.global_pruning, round_to=args.round_to,
+        protect=args.protect, seed=args.seed, output=args.output, plan_out=args.plan_out,
+        input_shapes=_input_shapes(args.input_shape), progress=prog, verify=True,
+    )
+    pruned = len(result.plan.pruned_groups)
+    removed = sum(g.removed for g in result.plan.groups)
+    total = sum(g.size for g in result.plan.groups)
+    print(f"pruned {removed}/{total} channels in {pruned} groups -> {args.output}")
+    for note in result.notes:
+        print(f"note: {note}")
+    return 0
+
+
+def _cmd_apply(args) -> int:
+    import spa
+
+    prog = Progress(True)
+    plan = spa.Plan.from_json(args.plan)
+    with prog.step(f"loading {args.model}"):
+        model = spa.load(args.model)
+    if Path(args.output).resolve() == Path(args.model).resolve():
+        raise ArgumentError("the output path is the input model; SPA never overwrites its input")
+    out = spa.apply_plan(model, plan, input_shapes=_input_shapes(args.input_shape), progress=prog)
+    spa.save(out, args.output)
+    print(f"applied {len(plan.pruned_groups)} pruned groups -> {args.output}")
+    return 0
+
+
+def bench_rows(paths: list, runs: int = 30, threads: int | None = None, input_shapes=None) -> list[list]:
+    """Params, MACs and median latency of each model, with ratios to the first."""
+    import spa
+    from spa import runtime
+    from spa.io import to_proto
+    from spa.metrics import count_macs, count_params
+
+    stats = []
+    feeds = None
+    for path in paths:
+        model = spa.load(path)
+        sess = runtime.session(to_proto(model), threads=threads)
+        if feeds is None or set(feeds) != {i.name for i in sess.get_inputs()}:
+            feeds = runtime.random_feeds(sess, input_shapes)
+        stats.append((count_params(model), count_macs(model, input_shapes), runtime.latency_ms(sess, feeds, runs=runs)))
+    rows = [["params", *[f"{s[0]:,}" for s in stats]], ["MACs", *[f"{s[1]:,}" for s in stats]],
+            ["latency (ms, median)", *[f"{s[2]:.3f}" for s in stats]]]
+    if len(stats) == 2:
+        for row, i in zip(rows, range(3)):
+            row.append(f"{stats[1][i] / stats[0][i]:.3f}" if stats[0][i] else "-")
+    return rows
+
+
+def _cmd_bench(args) -> int:
+    paths = [args.model] + ([args.other] if args.other else [])
+    from spa.report import table
+
+    rows = bench_rows(paths, args.runs, args.threads, _input_shapes(args.input_shape))
+    headers = ["metric", Path(args.model).name] + ([Path(args.other).name, "ratio"] if args.other else [])
+    print(table(headers, rows, "l" + "r" * (len(headers) - 1)))
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    import spa
+    from spa import zoo
+    from spa.report import table
+
+    prog = Progress(True)
+    with tempfile.TemporaryDirectory() as tmp:
+        out_dir = Path(args.out) if args.out else Path(tmp)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        dense = out_dir / "dense.onnx"
+        pruned = out_dir / "pruned.onnx"
+        with prog.step("building a ResNet-style model (64x64 input, 10 classes)"):
+            from spa.io import atomic_write_bytes
+
+            atomic_write_bytes(dense, zoo.small_resnet().SerializeToString())
+        result = spa.prune(dense, args.ratio, criterion="l1", output=pruned, progress=prog)
+        print(f"\n{len(result.graph.groups)} groups found; {len(result.plan.pruned_groups)} pruned at ratio {args.ratio}; "
+              f"verified: checker={result.verify_report.checker}, onnxruntime run={result.verify_report.ran}\n")
+        with prog.step("benchmarking both models"):
+            rows = bench_rows([dense, pruned], runs=50)
+        print(table(["metric", "dense", "pruned", "ratio"], rows, "lrrr"))
+        if args.out:
+            print(f"\nmodels kept in {out_dir}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="[spa] %(message)s")
+    handler = {"inspect": _cmd_inspect, "prune": _cmd_prune, "apply": _cmd_apply, "bench": _cmd_bench,
+               "demo": _cmd_demo}[args.command]
+    try:
+        return handler(args)
+    except SpaError as exc:
+        print(f"spa: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("spa: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -18,9 +18,14 @@ log = logging.getLogger("spa")
 
 
 def is_protected(group: Group, patterns) -> bool:
-    """True when a node or parameter of the group matches one of the glob patterns."""
-    names = set(group.nodes) | {m.param for m in group.params} | {m.dim.value for m in group.members}
-    return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names)
+    """True when a node producing the group's channels (or its weight) matches a glob pattern.
+
+    A protected node keeps its output channels; its inputs may still shrink with the group
+    that feeds it (the meaning of Torch-Pruning's ``ignored_layers``).
+    """
+    producers = [m for m in group.params if m.role == "out"] or list(group.params)
+    names = {m.node for m in producers} | {m.param for m in producers}
+    return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names if n)
 
 
 def _round_keep(keep: int, size: int, round_to: int) -> int:
@@ -72,9 +77,21 @@ def allocate(
     else:
         keep_n = {g.key: _round_keep(g.size - math.floor(g.size * ratio), g.size, round_to) for g in candidates}
     for g in candidates:
-        entries[g.key] = GroupPlan(g.key, g.size, _top(scores[g.key], keep_n[g.key]))
+        keep = _keep_every_member(g, _top(scores[g.key], keep_n[g.key]), scores[g.key])
+        entries[g.key] = GroupPlan(g.key, g.size, keep)
     meta = {"ratio": ratio, "global": global_pruning, "round_to": round_to, "criterion": scores.criterion}
     return Plan(tuple(entries[g.key] for g in dg.groups), meta)
+
+
+def _keep_every_member(group: Group, keep: tuple[int, ...], scores: np.ndarray) -> tuple[int, ...]:
+    """Add back the best channel of any member the plan would empty (a Concat input, a Split
+    output): a tensor is never left with zero channels."""
+    kept = set(keep)
+    for m in group.members:
+        chans = np.unique(m.channel)
+        if not kept.intersection(chans.tolist()):
+            kept.add(int(chans[np.argmax(scores[chans])]))
+    return tuple(sorted(kept))
 
 
 def _global_counts(groups, scores: Scores, ratio: float, round_to: int, max_group_ratio: float) -> dict[str, int]:

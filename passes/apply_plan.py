@@ -91,6 +91,9 @@ class ApplyPlanPass(ir.passes.InPlacePass):
             keep = np.asarray(gp.keep, dtype=np.int64)
             for m in group.members:
                 kept[m.dim] = m.kept_indices(keep)
+                if kept[m.dim].size == 0:
+                    raise PlanError(f"plan group '{gp.key}' would leave {m.dim} with no channel; keep at "
+                                    f"least one of channels {np.unique(m.channel).tolist()}")
             self.pruned_keys.append(gp.key)
         if not kept:
             return ir.passes.PassResult(model, False)

@@ -38,7 +38,7 @@ def check_structure(model: ir.Model) -> None:
                 path = save(model, Path(tmp) / "model.onnx")
                 onnx.checker.check_model(str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise ValidationError(f"the rewritten model is not valid ONNX: {exc}") from exc
+        raise ValidationError(f"the rewritten model is not valid ONNX: {str(exc).strip()}") from exc
 
 
 def _run(model: ir.Model, input_shapes, seed: int = 0):

@@ -18,11 +18,20 @@ from spa.passes.complete_shapes import CompleteShapesPass
 log = logging.getLogger("spa")
 
 
+def _keep_weight_casts(node: ir.Node) -> bool | None:
+    """Never fold Cast/Identity of an initializer: folding would store a converted copy of the
+    weight (fp16 -> fp32 doubles it) under a new name. Rules see through them instead."""
+    if node.op_type in ("Cast", "Identity") and node.inputs and node.inputs[0] is not None \
+            and node.inputs[0].is_initializer():
+        return False
+    return None
+
+
 class FoldConstantsPass(ir.passes.InPlacePass):
     """onnxscript's constant folding (shape arithmetic, Identity, Dropout in inference)."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        result = fold_constants(model, onnx_shape_inference=False)
+        result = fold_constants(model, onnx_shape_inference=False, should_fold=_keep_weight_casts)
         return ir.passes.PassResult(model, bool(result.modified))
 
 

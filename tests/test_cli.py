@@ -23,10 +23,10 @@ def model_file(tmp_path):
 def test_inspect_prints_groups_and_blocked_axes(model_file, capsys, tmp_path):
     assert main(["inspect", str(model_file), "--json", str(tmp_path / "r.json")]) == 0
     out = capsys.readouterr().out
-    assert "Prunable groups: 5 (112 channels)" in out
+    assert "Prunable groups: 5 (160 channels)" in out
     assert "graph output 'logits'" in out and "graph input 'input'" in out
     report = json.loads((tmp_path / "r.json").read_text())
-    assert [g["channels"] for g in report["groups"]] == [16, 16, 16, 32, 32]
+    assert [g["channels"] for g in report["groups"]] == [64, 16, 16, 32, 32]
     assert all(m["dim"] for g in report["groups"] for m in g["members"])
 
 
@@ -34,7 +34,7 @@ def test_prune_then_apply_the_same_plan(model_file, tmp_path, capsys):
     out, plan = tmp_path / "a.onnx", tmp_path / "plan.json"
     assert main(["prune", str(model_file), "-o", str(out), "--ratio", "0.5", "--round-to", "4",
                  "--plan-out", str(plan), "--criterion", "l2"]) == 0
-    assert "pruned 56/112 channels in 5 groups" in capsys.readouterr().out
+    assert "pruned 80/160 channels in 5 groups" in capsys.readouterr().out
     out2 = tmp_path / "b.onnx"
     assert main(["apply", str(model_file), str(plan), "-o", str(out2)]) == 0
     a, b = onnx.load(out), onnx.load(out2)

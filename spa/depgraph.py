@@ -313,7 +313,7 @@ class DependencyGraph:
         steps = []
         for u, v in zip(path, path[1:]):
             e: Edge = self.graph.edges[u, v]["edge"]
-            m = e.map if e.src == u else f"inverse of {e.map}"
+            m = e.map if e.src == u or e.map.kind == "identity" else f"inverse of {e.map}"
             steps.append(f"{u} -> {v}  [{e.op} '{e.node}', index map {m}]")
         return steps
 

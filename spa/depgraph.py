@@ -68,6 +68,7 @@ class DependencyGraph:
         self.barriers: list[Barrier] = []
         self.edges: list[Edge] = []
         self.inexact: set[Dim] = set()
+        self._barrier_dims: list[tuple[Barrier, list[Dim]]] = []
         self.order: dict[str, int] = {}
         self.values = {}
         self._build()
@@ -137,7 +138,9 @@ class DependencyGraph:
                     reason = f"rule error ({type(exc).__name__}: {exc})"
                     log.debug("rule for %s '%s' failed", node.op_type, ctx.name, exc_info=True)
         if reason is not None:
-            self.barriers.append(Barrier(ctx.name, node.op_type, node.domain, reason))
+            barrier = Barrier(ctx.name, node.op_type, node.domain, reason)
+            self.barriers.append(barrier)
+            self._barrier_dims.append((barrier, touched))
             for d in touched:
                 self.blocked.setdefault(d, f"{node.op_type} '{ctx.name}': {reason}")
             return
@@ -292,17 +295,9 @@ class DependencyGraph:
         return None
 
     def relevant_barriers(self) -> list[Barrier]:
-        """Barriers whose blocked dims belong to a component holding a parameter axis."""
-        param_comps = set()
-        for ci, comp in enumerate(self._components):
-            if any(d in self.roles for d in comp):
-                param_comps.add(ci)
-        comp_of = {d: ci for ci, comp in enumerate(self._components) for d in comp}
-        names = set()
-        for d, reason in self.blocked.items():
-            if comp_of.get(d) in param_comps:
-                names.add(reason)
-        return [b for b in self.barriers if any(f"'{b.node}': {b.reason}" in r for r in names)]
+        """Barriers that touch a component holding a parameter axis (not only shape math)."""
+        param_dims = {d for comp in self._components if any(x in self.roles for x in comp) for d in comp}
+        return [b for b, dims in self._barrier_dims if any(d in param_dims for d in dims)]
 
     def explain(self, a: Dim, b: Dim) -> list[str]:
         """Why ``a`` and ``b`` are coupled: the chain of rule edges between them."""

@@ -20,6 +20,17 @@ def _batch(ctx: RuleContext, x, y) -> None:
     ctx.couple(ctx.dim(x, 0), ctx.dim(y, 0))
 
 
+def _whole_groups(ctx: RuleContext, x, y, group: int) -> None:
+    """x[1] // (Cin/g) ~ groups ~ y[1] // (Cout/g): only whole convolution groups go."""
+    cin, cout = ctx.int_size(x, 1), ctx.int_size(y, 1)
+    if cin % group or cout % group:
+        ctx.refuse(f"group={group} does not divide {cin} input / {cout} output channels")
+    g = ctx.virtual("groups", group)
+    ctx.couple(ctx.dim(x, 1), g, block(cin // group))
+    ctx.couple(ctx.dim(y, 1), g, block(cout // group))
+    _group_fixup(ctx, g)
+
+
 @register("Conv")
 def conv(ctx: RuleContext) -> None:
     """y[1] ~ W[0] ~ B[0]; x[1] ~ W[1] (group=1) or x[1]//(Cin/g) ~ y[1]//(Cout/g) (grouped)."""
@@ -35,13 +46,7 @@ def conv(ctx: RuleContext) -> None:
         ctx.couple(ctx.dim(x, 1), ctx.dim(w, 1))
         ctx.role(ctx.dim(w, 1), "in")
         return
-    cin, cout = ctx.int_size(x, 1), ctx.int_size(w, 0)
-    if cin % group or cout % group:
-        ctx.refuse(f"group={group} does not divide {cin} input / {cout} output channels")
-    g = ctx.virtual("groups", group)
-    ctx.couple(ctx.dim(x, 1), g, block(cin // group))
-    ctx.couple(ctx.dim(y, 1), g, block(cout // group))
-    _group_fixup(ctx, g)
+    _whole_groups(ctx, x, y, group)
 
 
 @register("ConvTranspose")
@@ -60,10 +65,4 @@ def conv_transpose(ctx: RuleContext) -> None:
         ctx.role(ctx.dim(w, 1), "out")
         return
     ctx.role(ctx.dim(w, 0), "out")
-    cin, cout = ctx.int_size(x, 1), ctx.int_size(y, 1)
-    if cin % group or cout % group:
-        ctx.refuse(f"group={group} does not divide {cin} input / {cout} output channels")
-    g = ctx.virtual("groups", group)
-    ctx.couple(ctx.dim(x, 1), g, block(cin // group))
-    ctx.couple(ctx.dim(y, 1), g, block(cout // group))
-    _group_fixup(ctx, g)
+    _whole_groups(ctx, x, y, group)

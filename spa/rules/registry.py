@@ -206,5 +206,24 @@ class RuleContext:
     def fixup(self, what: str, fn: Callable[[Any], None]) -> None:
         self._out.fixups.append(Fixup(self.name, what, fn))
 
+    def follow_sizes(self, index: int, values, entries, what: str, keep=lambda old: True) -> None:
+        """Fix-up: entry k of the constant operand ``index`` becomes the new size of dim ``d``
+        for every ``(k, d)`` in ``entries`` whose dim was pruned and whose old value passes
+        ``keep`` (e.g. not 0/-1 in a Reshape target)."""
+        node = self.node
+        base = np.array(values, dtype=np.int64)
+
+        def fix(apply) -> None:
+            new = base.copy()
+            changed = False
+            for k, d in entries:
+                if apply.is_pruned(d) and keep(int(base[k])):
+                    new[k] = apply.new_size(d)
+                    changed = True
+            if changed:
+                apply.set_input_const(node, index, new)
+
+        self.fixup(what, fix)
+
     def refuse(self, reason: str) -> None:
         raise RuleRefusal(reason)

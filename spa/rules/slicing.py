@@ -159,23 +159,11 @@ def expand(ctx: RuleContext) -> None:
     couple_broadcast(ctx, [x], y)
     _free_inputs(ctx, 1)
     target = ctx.const(shape_in)
-    if target is None:
-        return
-    node, y_dims = ctx.node, ctx.dims(y)
-    lead = len(y_dims) - len(target)
-
-    def fix(apply) -> None:
-        new = np.array(target, dtype=np.int64).copy()
-        changed = False
-        for k in range(len(new)):
-            d = y_dims[k + lead]
-            if apply.is_pruned(d) and new[k] > 1:
-                new[k] = apply.new_size(d)
-                changed = True
-        if changed:
-            apply.set_input_const(node, 1, new)
-
-    ctx.fixup("shape", fix)
+    if target is not None:
+        y_dims = ctx.dims(y)
+        lead = len(y_dims) - len(target)
+        entries = [(k, y_dims[k + lead]) for k in range(len(target))]
+        ctx.follow_sizes(1, target, entries, "shape", keep=lambda old: old > 1)
 
 
 @register("Tile")
@@ -218,21 +206,9 @@ def resize(ctx: RuleContext) -> None:
         if same:
             ctx.couple(ctx.dim(x, a), ctx.dim(y, a))
     _free_inputs(ctx, 1)
-    if sizes is None:
-        return
-    node, y_dims = ctx.node, ctx.dims(y)
-
-    def fix(apply) -> None:
-        new = np.array(sizes, dtype=np.int64).copy()
-        changed = False
-        for k, a in enumerate(axes):
-            if apply.is_pruned(y_dims[a]):
-                new[k] = apply.new_size(y_dims[a])
-                changed = True
-        if changed:
-            apply.set_input_const(node, 3, new)
-
-    ctx.fixup("sizes", fix)
+    if sizes is not None:
+        y_dims = ctx.dims(y)
+        ctx.follow_sizes(3, sizes, [(k, y_dims[a]) for k, a in enumerate(axes)], "sizes")
 
 
 @register("ConstantOfShape")
@@ -243,14 +219,4 @@ def constant_of_shape(ctx: RuleContext) -> None:
     for d in ctx.dims(y):
         ctx.free(d)
     _free_inputs(ctx, 0)
-    node, y_dims = ctx.node, ctx.dims(y)
-
-    def fix(apply) -> None:
-        new = np.array(target, dtype=np.int64).copy()
-        pruned = [a for a, d in enumerate(y_dims) if apply.is_pruned(d)]
-        for a in pruned:
-            new[a] = apply.new_size(y_dims[a])
-        if pruned:
-            apply.set_input_const(node, 0, new)
-
-    ctx.fixup("shape", fix)
+    ctx.follow_sizes(0, target, list(enumerate(ctx.dims(y))), "shape")

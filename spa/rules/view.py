@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-import numpy as np
-
 from spa.dims import IDENTITY, block
 from spa.rules.registry import RuleContext, register
 
@@ -83,22 +81,8 @@ def reshape(ctx: RuleContext) -> None:
     for d in ctx.dims(shape_in):
         ctx.free(d)
     target = ctx.const(shape_in)
-    node = ctx.node
-    out_dims = ctx.dims(y)
-    if target is None:
-        return  # computed at run time from Shape: follows the pruned tensor by itself
-
-    def fix(apply) -> None:
-        new = np.array(target, dtype=np.int64).copy()
-        changed = False
-        for j, d in enumerate(out_dims):
-            if apply.is_pruned(d) and new[j] not in (0, -1):
-                new[j] = apply.new_size(d)
-                changed = True
-        if changed:
-            apply.set_input_const(node, 1, new)
-
-    ctx.fixup("shape", fix)
+    if target is not None:  # else computed at run time from Shape: follows the tensor by itself
+        ctx.follow_sizes(1, target, list(enumerate(ctx.dims(y))), "shape", keep=lambda old: old not in (0, -1))
 
 
 @register("Flatten", "Squeeze", "Unsqueeze")

@@ -118,6 +118,14 @@ def _cmd_prune(args) -> int:
     removed = sum(g.removed for g in result.plan.groups)
     total = sum(g.size for g in result.plan.groups)
     print(f"pruned {removed}/{total} channels in {pruned} groups -> {args.output}")
+    from spa.metrics import count_macs, count_params
+    from spa.report import table
+
+    shapes = _input_shapes(args.input_shape)
+    before, after = result.graph.model, result.model
+    rows = [[name, f"{fn(before):,}", f"{fn(after):,}", f"{fn(after) / max(fn(before), 1):.3f}"]
+            for name, fn in (("params", count_params), ("MACs", lambda m: count_macs(m, shapes)))]
+    print(table(["", "before", "after", "ratio"], rows, "lrrr"))
     for note in result.notes:
         print(f"note: {note}")
     return 0

@@ -114,3 +114,15 @@ def test_tf2onnx_style_channels_last_graph():
     assert dims_of(groups["w1:0"]) == {"w1[0]", "b1[0]", "h[1]", "r[1]", "back[3]", "w2[0]"}
     assert {"w2[1]", "b2[0]", "d[3]", "da[3]", "dr[3]", "p[1]", "w3[0]"} <= dims_of(groups["w2:1"])
     check_masked_equivalence(m, input_shapes={"N": 2})
+
+
+def test_fp16_matmul_weights_behind_cast():
+    m = build(head() + """g (float[2,16] x, float16[16,12] w1, float16[12,4] w2) => (float[2,4] y)
+    { c1 = Cast <to=1> (w1)  h = MatMul(x, c1)  r = Relu(h)  c2 = Cast <to=1> (w2)  y = MatMul(r, c2) }""")
+    for init in m.graph.initializer:
+        arr = np.random.default_rng(1).standard_normal(tuple(init.dims)).astype(np.float16)
+        init.CopyFrom(numpy_helper.from_array(arr, init.name))
+    _, groups = groups_of(m)
+    g = groups["c1:1"]
+    assert {p.param for p in g.params} == {"w1", "w2"}
+    check_masked_equivalence(m, atol=1e-2)

@@ -27,13 +27,12 @@ def matmul(ctx: RuleContext) -> None:
     """A[-1] ~ B[-2] (contracted); Y[-1] ~ B[-1]; Y[-2] ~ A[-2]; batch axes broadcast."""
     a, b, y = ctx.inp(0), ctx.inp(1), ctx.out(0)
     ra, rb, ry = ctx.rank(a), ctx.rank(b), ctx.rank(y)
+    # Roles are harmless on activations: only dims traced back to an initializer are parameters.
     ctx.couple(ctx.dim(a, -1), ctx.dim(b, 0 if rb == 1 else -2))
-    if b.const_value is not None:
-        ctx.role(ctx.dim(b, 0 if rb == 1 else -2), "in")
+    ctx.role(ctx.dim(b, 0 if rb == 1 else -2), "in")
     if rb > 1:
         ctx.couple(ctx.dim(b, -1), ctx.dim(y, -1))
-        if b.const_value is not None:
-            ctx.role(ctx.dim(b, -1), "out")
+        ctx.role(ctx.dim(b, -1), "out")
     if ra > 1:
         ctx.couple(ctx.dim(a, -2), ctx.dim(y, -2 if rb > 1 else -1))
     # Batch axes: everything left of the matrix axes, broadcast numpy-style.

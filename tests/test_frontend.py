@@ -126,3 +126,28 @@ def test_fp16_matmul_weights_behind_cast():
     g = groups["c1:1"]
     assert {p.param for p in g.params} == {"w1", "w2"}
     check_masked_equivalence(m, atol=1e-2)
+
+
+def test_large_models_are_saved_with_external_data(tmp_path, monkeypatch):
+    import spa.io
+
+    monkeypatch.setattr(spa.io, "EXTERNAL_DATA_THRESHOLD", 0)
+    out = tmp_path / "small.onnx"
+    spa.prune(build(head() + CHAIN), 0.5, output=out)
+    assert (tmp_path / "small.onnx.data").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["small.onnx", "small.onnx.data"]
+    reloaded = onnx.load(out)  # reads the external data back
+    onnx.checker.check_model(reloaded, full_check=True)
+    assert {tuple(i.dims) for i in reloaded.graph.initializer} >= {(4, 3, 3, 3), (4, 4, 1, 1)}
+
+
+def test_paddle2onnx_style_graph():
+    m = build(head(14) + """g (float[N,3,8,8] x, float[8,3,3,3] w1, float[8] s1, float[8] b1, float[8] c1, float[8] s2,
+                             float[8,6] w2, float[6] b2) => (float[N,6] y)
+    { h = Conv <pads=[1,1,1,1], strides=[2,2]> (x, w1)  n = BatchNormalization(h, s1, b1, c1, s2)
+      a = HardSwish(n)  p = GlobalAveragePool(a)  shp = Constant <value = int64[2] {0, -1}> ()
+      f = Reshape(p, shp)  mm = MatMul(f, w2)  y = Add(mm, b2) }""")
+    _, groups = groups_of(m)
+    assert dims_of(groups["w1:0"]) == {"w1[0]", "h[1]", "s1[0]", "b1[0]", "c1[0]", "s2[0]", "n[1]", "a[1]",
+                                       "p[1]", "f[1]", "w2[0]"}
+    check_masked_equivalence(m, input_shapes={"N": 2})

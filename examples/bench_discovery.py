@@ -34,9 +34,9 @@ def main() -> None:
     }
     rows = []
     for name, proto in cases.items():
-        t_load, model = timed(lambda: spa.load(proto), 1)
+        t_load, model = timed(lambda proto=proto: spa.load(proto), 1)
 
-        def discover():
+        def discover(model=model):
             dg = spa.dependency_graph(model)
             return dg, dg.groups
 

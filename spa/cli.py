@@ -94,7 +94,7 @@ def _cmd_inspect(args) -> int:
         model = spa.load(args.model)
     with prog.step("discovering groups"):
         dg = spa.dependency_graph(model)
-        dg.groups
+        _ = dg.groups  # grouping is lazy: time it inside this step
     print(inspect_text(dg, args.all))
     if args.json:
         from spa.io import atomic_write_bytes

@@ -109,7 +109,7 @@ def resnet(depths=(2, 2, 2, 2), widths=(64, 128, 256, 512), bottleneck: bool = F
                 cin = width
     x = b.op("GlobalAveragePool", [x])
     x = b.op("Flatten", [x], axis=1)
-    logits = b.gemm(x, cin, classes)
+    b.gemm(x, cin, classes)
     b.nodes[-1].output[0] = "logits"
     return b.model([("input", [batch, 3, image, image])], [("logits", [batch, classes])], "resnet")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from helpers import build, check_masked_equivalence, dims_of, groups_of, single_group_plan
 

@@ -23,10 +23,10 @@ _SIDE_INPUTS_FROM = 1
 def unary(ctx: RuleContext) -> None:
     """y[a] = f(x[a]) on every axis a; extra outputs (Dropout's mask) likewise."""
     x = ctx.inp(0)
-    for i, y in enumerate(ctx.node.outputs):
+    for y in ctx.node.outputs:
         if y is None or not y.name:
             continue
-        for a, (dx, dy) in enumerate(zip(ctx.dims(x), ctx.dims(y))):
+        for dx, dy in zip(ctx.dims(x), ctx.dims(y)):
             ctx.couple(dx, dy)
     if ctx.op == "Dropout" and ctx.attr("training_mode") is None:
         training = ctx.const(ctx.inp(2))

@@ -21,7 +21,6 @@ from spa.dims import IDENTITY, Dim, IndexMap
 if TYPE_CHECKING:  # pragma: no cover
     import onnx_ir as ir
 
-Size = "int | str | None"
 Rule = Callable[["RuleContext"], None]
 
 _RULES: dict[tuple[str, str], Rule] = {}

@@ -51,7 +51,7 @@ def couple_view(ctx: RuleContext, x, y) -> None:
         ctx.refuse(f"'{x.name}' -> '{y.name}' has a dimension of unknown size")
     xb, yb = _strides(xs), _strides(ys)
     by_upper = {}
-    for j, (st, up) in enumerate(yb):
+    for j, (_, up) in enumerate(yb):
         if ys[j] != 1:
             by_upper[up] = j
     for i, (xst, xup) in enumerate(xb):

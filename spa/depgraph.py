@@ -214,7 +214,8 @@ class DependencyGraph:
             if not params:
                 continue
             anchor = next((d for d in params if self.roles[d][0] == "out"), params[0])
-            key = f"{anchor.value}:{anchor.axis}"
+            # Keyed by the initializer (Identity/Cast keep axes): names the real parameter.
+            key = f"{self.param_source(anchor)}:{anchor.axis}"
             nodes = tuple(dict.fromkeys(self.roles[d][1] for d in params))
             reason = next((f"{d}: {self.blocked[d]}" for d in comp if d in self.blocked), None)
             if reason is None:

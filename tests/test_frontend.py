@@ -123,7 +123,7 @@ def test_fp16_matmul_weights_behind_cast():
         arr = np.random.default_rng(1).standard_normal(tuple(init.dims)).astype(np.float16)
         init.CopyFrom(numpy_helper.from_array(arr, init.name))
     _, groups = groups_of(m)
-    g = groups["c1:1"]
+    g = groups["w1:1"]
     assert {p.param for p in g.params} == {"w1", "w2"}
     check_masked_equivalence(m, atol=1e-2)
 

@@ -372,3 +372,25 @@ def test_custom_op_is_a_barrier_and_listed():
     assert "never assumed elementwise" in dg.barriers[0].reason
     assert set(groups) == {"w2:0"}  # pruned around the barrier
     assert "w1:0" in {b.key for b in dg.blocked_groups}
+
+
+def test_concat_on_a_spatial_axis_ties_the_channels_of_its_inputs():
+    m = build(HEAD + """g (float[1,3,4,4] x, float[8,3,1,1] wa, float[8,3,1,1] wb, float[5,8,1,1] w2)
+        => (float[1,5,8,4] y)
+    { a = Conv(x, wa)  b = Conv(x, wb)  c = Concat <axis=2> (a, b)  y = Conv(c, w2) }""")
+    _, groups = groups_of(m)
+    g = groups["wa:0"]
+    assert g.size == 8 and dims_of(g) == {"wa[0]", "wb[0]", "a[1]", "b[1]", "c[1]", "w2[1]"}
+    check_masked_equivalence(m)
+
+
+def test_constant_of_shape_too_large_to_fold_follows_the_channels():
+    m = build(HEAD + """g (float[1,3,256,256] x, float[8,3,1,1] w1, float[2,8,1,1] w2) => (float[1,2,256,256] y)
+    { h = Conv(x, w1)  s = Constant <value = int64[4] {1, 8, 256, 256}> ()
+      one = ConstantOfShape <value = float[1] {1.0}> (s)  a = Add(h, one)  y = Conv(a, w2) }""")
+    loaded = spa.load(m)
+    assert [n.op_type for n in loaded.graph].count("ConstantOfShape") == 1  # not folded
+    pruned = prune_one(m, "w1:0", [0, 5, 6])
+    cos = next(n for n in pruned.graph if n.op_type == "ConstantOfShape")
+    assert cos.inputs[0].const_value.numpy().tolist() == [1, 3, 256, 256]
+    check_masked_equivalence(m)

@@ -158,7 +158,7 @@ def prune(
     with progress.step(f"scoring ({criterion})"):
         scores = score(dg, criterion, reduction, normalization, seed)
     plan = make_plan(dg, scores, ratio, global_pruning, round_to, protect)
-    plan.meta.update({"reduction": reduction, "normalization": normalization, "seed": seed})
+    plan = Plan(plan.groups, {**plan.meta, "reduction": reduction, "normalization": normalization, "seed": seed})
     pruned = apply_plan(loaded, plan, verify=False, progress=progress)
     result = PruneResult(pruned, plan, dg)
     if verify:

@@ -77,17 +77,17 @@ def apply_plan(model: ir.Model, plan: Plan, verify: bool = True, input_shapes: d
     return out
 
 
-def _verify_or_blame(out: ir.Model, reference: ir.Model, plan: Plan, input_shapes):
+def _verify_or_blame(out: ir.Model, reference: ir.Model, plan: Plan, input_shapes, run: bool = True):
     from spa.passes.verify import verify
 
     try:
-        return verify(out, reference, input_shapes)
+        return verify(out, reference, input_shapes, run=run)
     except ValidationError as exc:
         for gp in plan.pruned_groups:
             single = Plan(tuple(g if g.key == gp.key else GroupPlan(g.key, g.size, tuple(range(g.size)))
                                 for g in plan.groups))
             try:
-                verify(_apply(reference, single), reference, input_shapes)
+                verify(_apply(reference, single), reference, input_shapes, run=run)
             except (ValidationError, SpaError) as one:
                 raise ValidationError(
                     f"pruning group '{gp.key}' makes the model invalid ({one}); nothing was written. "
@@ -137,6 +137,7 @@ def prune(
     output: str | os.PathLike | None = None,
     plan_out: str | os.PathLike | None = None,
     verify: bool = True,
+    run: bool = True,
     input_shapes: dict | None = None,
     progress: Progress = SILENT,
 ) -> PruneResult:
@@ -144,7 +145,8 @@ def prune(
 
     ``ratio`` is the fraction of channels removed from every group (or from all groups
     together with ``global_pruning``). Returns a :class:`PruneResult`; with ``output`` the
-    pruned model is also written (atomically, only once it verified).
+    pruned model is also written (atomically, only once it verified). ``run=False`` keeps the
+    checker and strict shape inference but skips the onnxruntime run.
     """
     if (output is not None and isinstance(model, (str, os.PathLike))
             and Path(output).resolve() == Path(model).resolve()):
@@ -162,8 +164,9 @@ def prune(
     pruned = apply_plan(loaded, plan, verify=False, progress=progress)
     result = PruneResult(pruned, plan, dg)
     if verify:
-        with progress.step("verifying (checker, shape inference, onnxruntime run)"):
-            result.verify_report = _verify_or_blame(pruned, loaded, plan, input_shapes)
+        what = "checker, shape inference" + (", onnxruntime run" if run else "")
+        with progress.step(f"verifying ({what})"):
+            result.verify_report = _verify_or_blame(pruned, loaded, plan, input_shapes, run)
             result.notes.extend(result.verify_report.notes)
     if plan_out is not None:
         plan.to_json(plan_out)

@@ -112,7 +112,7 @@ def _cmd_prune(args) -> int:
         args.model, args.ratio, criterion=args.criterion, reduction=args.reduction,
         normalization=args.normalization, global_pruning=args.global_pruning, round_to=args.round_to,
         protect=args.protect, seed=args.seed, output=args.output, plan_out=args.plan_out,
-        input_shapes=_input_shapes(args.input_shape), progress=prog, verify=True,
+        input_shapes=_input_shapes(args.input_shape), progress=prog, verify=True, run=not args.no_verify,
     )
     pruned = len(result.plan.pruned_groups)
     removed = sum(g.removed for g in result.plan.groups)

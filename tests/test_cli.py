@@ -41,6 +41,17 @@ def test_prune_then_apply_the_same_plan(model_file, tmp_path, capsys):
     assert [tuple(i.dims) for i in a.graph.initializer] == [tuple(i.dims) for i in b.graph.initializer]
 
 
+def test_no_verify_skips_only_the_onnxruntime_run(model_file, tmp_path, capsys, monkeypatch):
+    import spa.passes.verify as verify_mod
+
+    calls = []
+    monkeypatch.setattr(verify_mod, "_run", lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(AssertionError))
+    out = tmp_path / "nv.onnx"
+    assert main(["prune", str(model_file), "-o", str(out), "--ratio", "0.5", "--no-verify"]) == 0
+    assert not calls and out.exists()
+    assert "verifying (checker, shape inference) ... done" in capsys.readouterr().err
+
+
 def test_bench_compares_two_models(model_file, tmp_path, capsys):
     out = tmp_path / "small.onnx"
     assert main(["prune", str(model_file), "-o", str(out), "--ratio", "0.5"]) == 0

@@ -41,7 +41,7 @@ def split(ctx: RuleContext) -> None:
     """y_k[axis] index i ~ x[axis] index off_k + i; split sizes follow the new sizes."""
     x = ctx.inp(0)
     axis = int(ctx.attr("axis", 0)) % ctx.rank(x)
-    outs = [o for o in ctx.node.outputs]
+    outs = list(ctx.node.outputs)
     off = 0
     for y in outs:
         _other_axes_identity(ctx, x, y, axis)

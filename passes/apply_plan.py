@@ -125,5 +125,6 @@ class ApplyPlanPass(ir.passes.InPlacePass):
             elif v.shape is not None:
                 dims = list(v.shape)
                 for axis, idx in cuts:
-                    dims[axis] = int(idx.size)
+                    # A periodic axis (n * period) keeps a dynamic size: inference derives it.
+                    dims[axis] = None if Dim(name, axis) in dg.periodic else int(idx.size)
                 v.shape = ir.Shape(dims)

@@ -14,14 +14,17 @@ import onnx_ir.passes.common as common
 from onnxscript.optimizer import fold_constants
 
 from spa.passes.complete_shapes import CompleteShapesPass
+from spa.passes.symbolic_shapes import SymbolicShapesPass
 
 log = logging.getLogger("spa")
 
 
 def _keep_weight_casts(node: ir.Node) -> bool | None:
-    """Never fold Cast/Identity of an initializer: folding would store a converted copy of the
-    weight (fp16 -> fp32 doubles it) under a new name. Rules see through them instead."""
-    if node.op_type in ("Cast", "Identity") and node.inputs and node.inputs[0] is not None \
+    """Never fold Cast/Identity/Transpose of an initializer: folding would store a converted copy
+    of the weight (fp16 -> fp32 doubles it) under a new name, losing the parameter's name that
+    group keys and the torch frontend rely on. Rules see through them instead; onnxruntime
+    folds them when it loads the model."""
+    if node.op_type in ("Cast", "Identity", "Transpose") and node.inputs and node.inputs[0] is not None \
             and node.inputs[0].is_initializer():
         return False
     return None
@@ -33,6 +36,37 @@ class FoldConstantsPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         result = fold_constants(model, onnx_shape_inference=False, should_fold=_keep_weight_casts)
         return ir.passes.PassResult(model, bool(result.modified))
+
+
+class UntieUniformInitializersPass(ir.passes.InPlacePass):
+    """Give each use of a shared, uniform-valued weight its own copy.
+
+    Exporters deduplicate equal initializers (TorchScript shares every all-zero bias of a
+    freshly initialized transformer). Sharing is a real tie for a learned tensor (tied
+    embeddings), but a tensor whose elements are all equal carries no per-channel values, and
+    sharing it would couple unrelated axes (a head's bias with the hidden size's).
+    """
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        graph = model.graph
+        for v in list(graph.initializers.values()):
+            uses = v.uses()
+            if len(uses) < 2 or v.const_value is None or v.shape is None or len(v.shape) == 0:
+                continue
+            if not v.dtype.is_floating_point() or v.const_value.size < 2:
+                continue
+            arr = v.const_value.numpy()
+            if not (arr == arr.flat[0]).all():
+                continue
+            for k, (node, index) in enumerate(uses[1:], start=1):
+                name = f"{v.name}_spa_untied_{k}"
+                copy = ir.Value(name=name, shape=ir.Shape(arr.shape), type=v.type,
+                                const_value=ir.tensor(arr.copy(), name=name))
+                graph.register_initializer(copy)
+                node.replace_input_with(index, copy)
+            modified = True
+        return ir.passes.PassResult(model, modified)
 
 
 class CanonicalizePass(ir.passes.InPlacePass):
@@ -48,8 +82,10 @@ class CanonicalizePass(ir.passes.InPlacePass):
             common.IdentityEliminationPass(),
             common.RemoveUnusedNodesPass(),
             common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+            UntieUniformInitializersPass(),
             common.TopologicalSortPass(),
             common.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True),
+            SymbolicShapesPass(),
             CompleteShapesPass(),
         )
         result = seq(model)

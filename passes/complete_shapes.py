@@ -4,11 +4,17 @@ Shape inference stops at ops it cannot see into (custom domains, some function o
 GroupNormalization-21). Where the op alone fixes the result, fill it in: shape-preserving ops
 copy their input's shape; Conv/ConvTranspose get (batch, channels from the weight, ?, ...).
 Unknown entries stay unknown, so the rules still block what they cannot size.
+
+It also solves Reshape outputs whose shape inference left one entry as a fresh symbol: a
+``-1`` in a target computed from ``Shape`` (TorchScript exports with dynamic axes give
+``[unk__7, unk__8, unk__9, 16]`` for ``[batch, seq, 4, 16]``). When every other factor cancels
+against the input's, the symbol is a whole number; it is replaced throughout the graph.
 """
 
 from __future__ import annotations
 
 import onnx_ir as ir
+import onnx_ir.passes.common  # ShapeInferencePass
 
 from spa.rules.elementwise import UNARY_OPS
 
@@ -37,9 +43,77 @@ def _partial(node: ir.Node) -> ir.Shape | None:
     return None
 
 
+def _entry(d):
+    if isinstance(d, int):
+        return d
+    v = getattr(d, "value", None)
+    return v if isinstance(v, (int, str)) else None
+
+
+def _solve_reshape(node: ir.Node) -> tuple[str, int] | None:
+    """(symbol, value) when the output's only unknown entry of a Reshape is a whole number."""
+    x, y = node.inputs[0], node.outputs[0]
+    if x is None or x.shape is None or y.shape is None:
+        return None
+    xs, ys = [_entry(d) for d in x.shape], [_entry(d) for d in y.shape]
+    if any(e is None for e in xs):
+        return None
+    x_syms = [e for e in xs if isinstance(e, str)]
+    unknown = [k for k, e in enumerate(ys) if e is None or (isinstance(e, str) and e not in x_syms)]
+    if len(unknown) != 1 or not isinstance(ys[unknown[0]], str):
+        return None
+    rest = [e for k, e in enumerate(ys) if k != unknown[0]]
+    if sorted(x_syms) != sorted(e for e in rest if isinstance(e, str)):
+        return None
+    num = 1
+    for e in xs:
+        num *= e if isinstance(e, int) else 1
+    den = 1
+    for e in rest:
+        den *= e if isinstance(e, int) else 1
+    if den == 0 or num % den:
+        return None
+    return ys[unknown[0]], num // den
+
+
+def _substitute(model: ir.Model, symbol: str, value: int) -> set[str]:
+    values = list(model.graph.inputs) + list(model.graph.outputs)
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        values.extend(node.outputs)
+    changed = set()
+    for v in values:
+        if v.shape is not None and any(_entry(d) == symbol for d in v.shape):
+            v.shape = ir.Shape([value if _entry(d) == symbol else d for d in v.shape])
+            changed.add(v.name)
+    return changed
+
+
+def _forget_generated_symbols(model: ir.Model, keep: set[str]) -> None:
+    """Drop intermediate shapes holding symbols that shape inference made up (``unk__N``), so
+    a new inference run derives them again from the solved sizes (``keep``: solved values)."""
+    keep = keep | {v.name for v in model.graph.outputs}
+    for node in model.graph:
+        for v in node.outputs:
+            if v.name not in keep and v.shape is not None and any(
+                    isinstance(_entry(d), str) and _entry(d).startswith("unk__") for d in v.shape):
+                v.shape = None
+
+
 class CompleteShapesPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
+        for _ in range(4):
+            solved_values: set[str] = set()
+            for node in model.graph:
+                if node.op_type == "Reshape" and node.domain in ("", "ai.onnx"):
+                    solved = _solve_reshape(node)
+                    if solved is not None:
+                        solved_values |= _substitute(model, *solved)
+            if not solved_values:
+                break
+            modified = True
+            _forget_generated_symbols(model, solved_values)
+            ir.passes.common.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
         for node in model.graph:
             out = node.outputs[0] if node.outputs else None
             if out is None or out.shape is not None:

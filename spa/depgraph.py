@@ -21,7 +21,7 @@ from spa.rules.registry import static_size
 
 log = logging.getLogger("spa")
 
-_PASSTHROUGH_PARAM_OPS = frozenset({"Identity", "Cast", "Dropout"})
+_PASSTHROUGH_PARAM_OPS = frozenset({"Identity", "Cast", "Dropout", "Transpose"})
 _GRAPH_ATTRS = (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
 
 
@@ -68,6 +68,7 @@ class DependencyGraph:
         self.barriers: list[Barrier] = []
         self.edges: list[Edge] = []
         self.inexact: set[Dim] = set()
+        self.periodic: dict[Dim, int] = {}
         self._barrier_dims: list[tuple[Barrier, list[Dim]]] = []
         self.order: dict[str, int] = {}
         self.values = {}
@@ -104,9 +105,29 @@ class DependencyGraph:
             self._block_value(v, f"graph input '{v.name}'")
         for v in graph.outputs:
             self._block_value(v, f"graph output '{v.name}'")
+        self._spread_periods()
         self.graph.add_nodes_from(self.sizes)
         for e in self.edges:
             self.graph.add_edge(e.src, e.dst, edge=e)
+
+    def _spread_periods(self) -> None:
+        """A periodic dim's period passes along identity ties to dims of the same symbolic size
+        (Transpose, MatMul batch axes); each is then sized by its period."""
+        sym = {d: self.sizes.get(d) for d in self.periodic}
+        changed = True
+        while changed:
+            changed = False
+            for e in self.edges:
+                if e.map.kind != "identity":
+                    continue
+                for a, b in ((e.src, e.dst), (e.dst, e.src)):
+                    if a in self.periodic and b not in self.periodic and isinstance(sym[a], str) \
+                            and self.sizes.get(b) == sym[a]:
+                        self.periodic[b] = self.periodic[a]
+                        sym[b] = sym[a]
+                        changed = True
+        for d, p in self.periodic.items():
+            self.sizes[d] = p
 
     def _block_value(self, v, reason: str) -> None:
         if v.shape is None:
@@ -158,6 +179,8 @@ class DependencyGraph:
             self.roles.setdefault(d, role)
         self.fixups.extend(out.fixups)
         self.inexact |= out.inexact
+        for d, p in out.periods.items():
+            self.periodic.setdefault(d, p)
 
     def _block_captured(self, node) -> None:
         """Values of the outer graph read inside a subgraph cannot change shape."""
@@ -178,14 +201,30 @@ class DependencyGraph:
 
     # ---- queries ----------------------------------------------------------------------------
     def param_source(self, d: Dim) -> str | None:
-        """Initializer whose values this dim indexes (through Identity/Cast), if any."""
-        v = self.values.get(d.value)
+        """Initializer whose values this dim indexes (through Identity/Cast/Transpose), if any."""
+        ref = self.param_ref(d)
+        return ref[0] if ref else None
+
+    def param_ref(self, d: Dim) -> tuple[str, int] | None:
+        """(initializer, axis of it) that dim ``d`` indexes, seen through Identity, Cast,
+        Dropout and Transpose (exporters transpose Linear weights at run time)."""
+        if d.virtual:
+            return None
+        v, axis = self.values.get(d.value), d.axis
         while v is not None:
             if v.const_value is not None:
-                return v.name
+                return v.name, axis
             prod = v.producer()
-            if prod is None or prod.op_type not in _PASSTHROUGH_PARAM_OPS:
+            if prod is None or prod.op_type not in _PASSTHROUGH_PARAM_OPS or not prod.inputs:
                 return None
+            if prod.op_type == "Transpose":
+                perm = prod.attributes.get("perm")
+                src = prod.inputs[0]
+                rank = len(src.shape) if src.shape is not None else None
+                if perm is None and rank is None:
+                    return None
+                perm = list(perm.value) if perm is not None else list(range(rank))[::-1]
+                axis = int(perm[axis])
             v = prod.inputs[0]
         return None
 
@@ -215,7 +254,8 @@ class DependencyGraph:
                 continue
             anchor = next((d for d in params if self.roles[d][0] == "out"), params[0])
             # Keyed by the initializer (Identity/Cast keep axes): names the real parameter.
-            key = f"{self.param_source(anchor)}:{anchor.axis}"
+            name, axis = self.param_ref(anchor)
+            key = f"{name}:{axis}"
             nodes = tuple(dict.fromkeys(self.roles[d][1] for d in params))
             reason = next((f"{d}: {self.blocked[d]}" for d in comp if d in self.blocked), None)
             if reason is None:
@@ -268,6 +308,7 @@ class DependencyGraph:
                     role=role[0] if role else None,
                     node=role[1] if role else None,
                     param=self.param_source(d) if role else None,
+                    param_axis=self.param_ref(d)[1] if role and self.param_ref(d) else None,
                 )
             )
         exact = not any(d in self.inexact for d in comp)

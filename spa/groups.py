@@ -22,6 +22,7 @@ class Member:
     role: str | None = None  # role of a parameter dim, else None
     node: str | None = None  # node that gave the role
     param: str | None = None  # initializer holding the values of this dim, if any
+    param_axis: int | None = None  # axis of ``param`` this dim indexes (differs behind a Transpose)
 
     @property
     def size(self) -> int:

@@ -55,7 +55,7 @@ def group_scores(
     for m in group.params:
         if m.role not in roles:
             continue
-        per_idx = _per_index(array_of(m.param), m.dim.axis, criterion)
+        per_idx = _per_index(array_of(m.param), m.param_axis, criterion)
         per_ch = np.bincount(m.channel, weights=per_idx, minlength=group.size)
         covered = np.bincount(m.channel, minlength=group.size) > 0
         if reduction == "max":

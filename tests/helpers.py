@@ -43,7 +43,7 @@ def masked_model(model: ir.Model, group: Group, keep) -> ir.Model:
         arr = v.const_value.numpy().copy()
         removed = np.flatnonzero(~np.isin(m.channel, keep))
         index = [slice(None)] * arr.ndim
-        index[m.dim.axis] = removed
+        index[m.param_axis] = removed
         arr[tuple(index)] = 0
         v.const_value = ir.tensor(arr, name=v.name)
     return masked

@@ -316,18 +316,26 @@ def test_squeeze_unsqueeze_view_rule():
     check_masked_equivalence(m)
 
 
-def test_reduce_over_spatial_carries_and_over_channels_blocks():
-    m = build(head(18) + """g (float[1,3,4,4] x, float[8,3,1,1] w1, float[5,8] w2, float[6,3,1,1] w3)
-        => (float[1,5] y, float[1,1,4,4] z)
+def test_reduce_over_channels_frees_the_axis_but_is_not_exact():
+    m = build(head(18) + """g (float[1,3,4,4] x, float[8,3,1,1] w1, float[5,8] w2, float[6,3,1,1] w3,
+                          float[4,3,1,1] w4, float[7,3,1,1] w5)
+        => (float[1,5] y, float[1,1,4,4] z, float[1,1,4,4] m, int64[1,1,4,4] a)
     { h = Conv(x, w1)  ax = Constant <value = int64[2] {2, 3}> ()  r = ReduceMean <keepdims=0> (h, ax)
       y = Gemm <transB=1> (r, w2)  k = Conv(x, w3)  c = Constant <value = int64[1] {1}> ()
-      z = ReduceSum <keepdims=1> (k, c) }""")
+      z = ReduceSum <keepdims=1> (k, c)  k4 = Conv(x, w4)  m = ReduceMean <keepdims=1> (k4, c)
+      k5 = Conv(x, w5)  a = ArgMax <axis=1> (k5) }""")
     dg, groups = groups_of(m)
-    assert set(groups) == {"w1:0"}
+    assert set(groups) == {"w1:0", "w3:0", "w4:0"}
     assert "r[1]" in dims_of(groups["w1:0"])
+    # The removed channels' values no longer enter the reduction: prunable, not exact.
+    assert not groups["w3:0"].exact and not groups["w4:0"].exact
+    assert groups["w3:0"].size == 6 and groups["w4:0"].size == 4
     blocked = {b.key: b.reason for b in dg.blocked_groups}
-    assert "not carried through ReduceSum" in blocked["w3:0"]
+    assert "not carried through ArgMax" in blocked["w5:0"]
     check_masked_equivalence(m)
+    for key in ("w3:0", "w4:0"):  # valid, and the reduced outputs keep their shapes
+        pruned = spa.apply_plan(spa.load(m), single_group_plan(dg, groups[key], [0, 2]))
+        assert [tuple(d for d in o.shape) for o in pruned.graph.outputs][1:3] == [(1, 1, 4, 4), (1, 1, 4, 4)]
 
 
 def test_softmax_over_channels_blocks_over_spatial_carries():

@@ -1,8 +1,11 @@
-"""Normalizations with per-channel parameters: BatchNorm, InstanceNorm, GroupNorm."""
+"""Normalizations with per-channel parameters: BatchNorm, InstanceNorm, GroupNorm, and the
+normalizations over trailing axes of transformers: LayerNorm, RMSNorm (and onnxruntime's
+fused Skip/Simplified variants)."""
 
 from __future__ import annotations
 
 from spa.dims import block
+from spa.rules.elementwise import couple_broadcast
 from spa.rules.registry import RuleContext, register
 
 
@@ -55,3 +58,64 @@ def group_norm(ctx: RuleContext) -> None:
             apply.set_attr(node, "num_groups", apply.new_size(g))
 
     ctx.fixup("num_groups", fix)
+
+
+def _couple_trailing_params(ctx: RuleContext, x, axis: int, params) -> None:
+    """Per-element parameters over the normalized axes x[axis:] (numpy-broadcast from the right)."""
+    r = ctx.rank(x)
+    for p, role in params:
+        if p is None or not p.name:
+            continue
+        rp = ctx.rank(p)
+        for k in range(rp):
+            a = r - rp + k
+            d = ctx.dim(p, k)
+            if a < axis or ctx.size(p, k) == 1:
+                ctx.free(d) if ctx.size(p, k) == 1 else ctx.block(d, f"{ctx.op} parameter spans a batch axis")
+                continue
+            ctx.couple(d, ctx.dim(x, a))
+            ctx.role(d, role)
+
+
+def _normalize_over(ctx: RuleContext, x, axis: int, outputs) -> None:
+    """y ~ x on every axis; the normalized axes are prunable but not exact (the statistics
+    change); statistics outputs (size 1 over the normalized axes) carry the leading axes."""
+    r = ctx.rank(x)
+    for a in range(axis, r):
+        ctx.inexact(ctx.dim(x, a))
+    for k, y in enumerate(outputs):
+        if y is None or not y.name or y.shape is None:
+            continue
+        if k == 0 or ctx.shape(y) == ctx.shape(x):
+            for a in range(r):
+                ctx.couple(ctx.dim(x, a), ctx.dim(y, a))
+            continue
+        for a in range(ctx.rank(y)):
+            if a < axis:
+                ctx.couple(ctx.dim(x, a), ctx.dim(y, a))
+            else:
+                ctx.free(ctx.dim(y, a))
+
+
+@register("LayerNormalization", "RMSNormalization")
+@register("LayerNormalization", "SimplifiedLayerNormalization", domain="com.microsoft")
+def layer_norm(ctx: RuleContext) -> None:
+    """Normalizes over x[axis:], with per-element scale (and bias) over those axes."""
+    x = ctx.inp(0)
+    r = ctx.rank(x)
+    axis = int(ctx.attr("axis", -1)) % r
+    _normalize_over(ctx, x, axis, ctx.node.outputs)
+    _couple_trailing_params(ctx, x, axis, [(ctx.inp(1), "scale"), (ctx.inp(2), "bias")])
+
+
+@register("SkipLayerNormalization", "SkipSimplifiedLayerNormalization", domain="com.microsoft")
+def skip_layer_norm(ctx: RuleContext) -> None:
+    """LayerNorm(input + skip (+ bias)) over the last axis; output 3 is the sum itself."""
+    x, skip = ctx.inp(0), ctx.inp(1)
+    r = ctx.rank(x)
+    couple_broadcast(ctx, [skip], x)
+    simplified = ctx.op.startswith("SkipSimplified")
+    params = [(ctx.inp(2), "scale")] + ([(ctx.inp(3), "bias")] if not simplified else []) + \
+             [(ctx.inp(3 if simplified else 4), "bias")]
+    _normalize_over(ctx, x, r - 1, ctx.node.outputs)
+    _couple_trailing_params(ctx, x, r - 1, params)

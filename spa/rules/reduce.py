@@ -28,7 +28,10 @@ def _reduce_axes(ctx: RuleContext, r: int) -> set[int]:
 
 
 def reduce(ctx: RuleContext) -> None:
-    """Axes not reduced over are carried (shifted when keepdims=0); reduced axes are not."""
+    """Axes not reduced over are carried (shifted when keepdims=0). A reduced axis may shrink
+    (RMSNorm's mean over the hidden size): it is free but not exact, since the removed
+    channels' values no longer enter the result. ArgMax/ArgMin return positions along it, so
+    their axis is left untied."""
     x, y = ctx.inp(0), ctx.out(0)
     r = ctx.rank(x)
     reduced = _reduce_axes(ctx, r)
@@ -37,6 +40,11 @@ def reduce(ctx: RuleContext) -> None:
     for a in range(r):
         if a not in reduced:
             ctx.couple(ctx.dim(x, a), ctx.dim(y, j))
+        elif ctx.op not in ("ArgMax", "ArgMin"):
+            ctx.free(ctx.dim(x, a))
+            ctx.inexact(ctx.dim(x, a))
+            if keep:
+                ctx.free(ctx.dim(y, j))
         if keep or a not in reduced:
             j += 1
 

@@ -85,6 +85,7 @@ class RuleOutput:
     fixups: list[Fixup] = field(default_factory=list)
     sizes: dict[Dim, Any] = field(default_factory=dict)
     inexact: set[Dim] = field(default_factory=set)
+    periods: dict[Dim, int] = field(default_factory=dict)
 
 
 def static_size(dim: Any) -> int | str | None:
@@ -197,6 +198,12 @@ class RuleContext:
         """Pruning ``d`` changes the outputs beyond masking (e.g. a norm over it)."""
         self._out.inexact.add(d)
 
+    def periodic(self, d: Dim, period: int) -> None:
+        """``d`` has a symbolic size ``n * period`` whose index ``i`` is channel ``i % period``:
+        a static axis folded under a dynamic one (``[batch, heads, ...] -> [heads*batch, ...]``).
+        It is sized ``period`` in its group; identity ties carry the period on."""
+        self._out.periods[d] = int(period)
+
     def virtual(self, tag: str, size: int) -> Dim:
         d = Dim(f"{self.name}#{tag}", 0, virtual=True)
         self._out.sizes[d] = size
@@ -223,6 +230,40 @@ class RuleContext:
                 apply.set_input_const(node, index, new)
 
         self.fixup(what, fix)
+
+    def follow_shape(self, index: int, entries, what: str, keep=lambda old: True) -> None:
+        """Like :meth:`follow_sizes` for a shape operand that may be computed at run time.
+
+        A constant operand is rewritten directly. Exporters with dynamic axes build the shape
+        as ``Concat`` of one-element pieces: ``Shape``-derived pieces follow the tensors by
+        themselves, and each constant piece (a literal head count, hidden size, KV repeat) is
+        rewritten in place, so pruned models keep dynamic batch and sequence length.
+        """
+        operand = self.inp(index)
+        target = self.const(operand)
+        if target is not None:
+            self.follow_sizes(index, target, entries, what, keep)
+            return
+        prod = operand.producer() if operand is not None else None
+        if prod is None or prod.op_type != "Concat" or prod.domain not in ("", "ai.onnx"):
+            return  # computed otherwise: follows the tensors it is computed from
+        wanted = dict(entries)
+        off = 0
+        saved_node = self.node
+        for k, piece in enumerate(prod.inputs):
+            n = static_size(piece.shape[0]) if piece is not None and piece.shape is not None \
+                and len(piece.shape) == 1 else None
+            if not isinstance(n, int):
+                return  # cannot place the remaining entries
+            values = self.const(piece)
+            sub = [(i - off, wanted[i]) for i in range(off, off + n) if i in wanted]
+            if values is not None and sub:
+                self.node = prod
+                try:
+                    self.follow_sizes(k, values.reshape(-1), sub, f"{what} (via {prod.name})", keep)
+                finally:
+                    self.node = saved_node
+            off += n
 
     def refuse(self, reason: str) -> None:
         raise RuleRefusal(reason)

@@ -158,12 +158,12 @@ def expand(ctx: RuleContext) -> None:
     x, shape_in, y = ctx.inp(0), ctx.inp(1), ctx.out(0)
     couple_broadcast(ctx, [x], y)
     _free_inputs(ctx, 1)
-    target = ctx.const(shape_in)
-    if target is not None:
+    n_target = ctx.size(shape_in, 0) if shape_in.shape is not None else None
+    if isinstance(n_target, int):
         y_dims = ctx.dims(y)
-        lead = len(y_dims) - len(target)
-        entries = [(k, y_dims[k + lead]) for k in range(len(target))]
-        ctx.follow_sizes(1, target, entries, "shape", keep=lambda old: old > 1)
+        lead = len(y_dims) - n_target
+        entries = [(k, y_dims[k + lead]) for k in range(n_target)]
+        ctx.follow_shape(1, entries, "shape", keep=lambda old: old > 1)
 
 
 @register("Tile")

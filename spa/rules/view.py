@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass
 
@@ -17,6 +18,8 @@ class _Prod:
     syms: tuple[str, ...] = ()
 
     def __mul__(self, size) -> _Prod:
+        if isinstance(size, _Prod):
+            return _Prod(self.num * size.num, tuple(sorted(self.syms + size.syms)))
         if isinstance(size, int):
             return _Prod(self.num * size, self.syms)
         return _Prod(self.num, tuple(sorted(self.syms + (size,))))
@@ -28,15 +31,58 @@ class _Prod:
         return self.num // other.num
 
 
+    @property
+    def symbolic(self) -> bool:
+        return bool(self.syms)
+
+
+_PRODUCT = re.compile(r"^\s*(\d+|[A-Za-z_]\w*)(\s*\*\s*(\d+|[A-Za-z_]\w*))*\s*$")
+
+
+def _factor(size) -> _Prod:
+    """A shape entry as a product: ``4*batch`` (written by symbolic shape inference for a
+    folded axis) is 4 times ``batch``; any other expression is one opaque symbol."""
+    if isinstance(size, int):
+        return _Prod(size)
+    if _PRODUCT.match(size):
+        p = _Prod(1)
+        for tok in size.split("*"):
+            tok = tok.strip()
+            p = p * (int(tok) if tok.isdigit() else tok)
+        return p
+    return _Prod(1, (size,))
+
+
 def _strides(shape) -> list[tuple[_Prod, _Prod]]:
     """(stride, stride*size) of every axis of a row-major tensor."""
     out = []
     acc = _Prod(1)
     for s in reversed(shape):
         stride = acc
-        acc = acc * s
+        acc = acc * _factor(s)
         out.append((stride, acc))
     return out[::-1]
+
+
+def _pure_symbol(size) -> bool:
+    f = _factor(size)
+    return f.symbolic and f.num == 1
+
+
+def _fold_under_symbol(ctx: RuleContext, fine_v, j: int, coarse_v, i: int, ratio: int) -> bool:
+    """``fine_v[j]`` (size ``n*ratio``) folds the dynamic axis ``coarse_v[i]`` over the static axes
+    after it (SDPA's ``[batch, heads, s, d] -> [heads*batch, s, d]``). Tie it periodically to
+    the first static axis, never to the dynamic one: batch is not a channel."""
+    coarse_shape, fine_shape = ctx.shape(coarse_v), ctx.shape(fine_v)
+    if not _pure_symbol(coarse_shape[i]) or isinstance(fine_shape[j], int) or i + 1 >= len(coarse_shape):
+        return False
+    inner = coarse_shape[i + 1]
+    if not isinstance(inner, int) or inner <= 1 or ratio % inner:
+        return False
+    ctx.periodic(ctx.dim(fine_v, j), ratio)
+    ctx.couple(ctx.dim(fine_v, j), ctx.dim(coarse_v, i + 1), block(ratio // inner))
+    ctx.free(ctx.dim(coarse_v, i))
+    return True
 
 
 def couple_view(ctx: RuleContext, x, y) -> None:
@@ -65,9 +111,11 @@ def couple_view(ctx: RuleContext, x, y) -> None:
         if xst == yst:
             ctx.couple(ctx.dim(x, i), ctx.dim(y, j), IDENTITY)
         elif (r := xst.ratio(yst)) is not None:  # output axis is finer
-            ctx.couple(ctx.dim(y, j), ctx.dim(x, i), block(r))
+            if not _fold_under_symbol(ctx, y, j, x, i, r):
+                ctx.couple(ctx.dim(y, j), ctx.dim(x, i), block(r))
         elif (r := yst.ratio(xst)) is not None:  # input axis is finer
-            ctx.couple(ctx.dim(x, i), ctx.dim(y, j), block(r))
+            if not _fold_under_symbol(ctx, x, i, y, j, r):
+                ctx.couple(ctx.dim(x, i), ctx.dim(y, j), block(r))
     for j, s in enumerate(ys):
         if s == 1:
             ctx.free(ctx.dim(y, j))
@@ -80,9 +128,7 @@ def reshape(ctx: RuleContext) -> None:
     couple_view(ctx, x, y)
     for d in ctx.dims(shape_in):
         ctx.free(d)
-    target = ctx.const(shape_in)
-    if target is not None:  # else computed at run time from Shape: follows the tensor by itself
-        ctx.follow_sizes(1, target, list(enumerate(ctx.dims(y))), "shape", keep=lambda old: old not in (0, -1))
+    ctx.follow_shape(1, list(enumerate(ctx.dims(y))), "shape", keep=lambda old: old not in (0, -1))
 
 
 @register("Flatten", "Squeeze", "Unsqueeze")

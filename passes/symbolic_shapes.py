@@ -1,0 +1,73 @@
+"""Pass: onnxruntime's symbolic shape inference where ONNX's leaves made-up symbols.
+
+ONNX shape inference names every size it cannot derive ``unk__N``, and derives a fresh one at
+each Reshape whose target is computed from ``Shape`` (the usual form of exports with dynamic
+axes), so ``batch`` and ``seq`` on both sides of an attention block no longer match.
+onnxruntime's symbolic inference (``onnxruntime.tools.symbolic_shape_infer``, written for
+transformer graphs) keeps the graph's own symbols through such reshapes and writes folded
+axes as products (``4*batch``). Its result replaces a shape only where it knows more.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import onnx_ir as ir
+
+log = logging.getLogger("spa")
+
+
+def _unknowns(shape) -> int:
+    if shape is None:
+        return 1 << 30
+    n = 0
+    for d in shape:
+        v = d if isinstance(d, int) else getattr(d, "value", None)
+        if v is None or (isinstance(v, str) and v.startswith("unk__")):
+            n += 1
+    return n
+
+
+def needs_symbolic_inference(model: ir.Model) -> bool:
+    for node in model.graph:
+        for v in node.outputs:
+            if v.shape is None or _unknowns(v.shape):
+                return True
+    return False
+
+
+class SymbolicShapesPass(ir.passes.InPlacePass):
+    """Merge onnxruntime's symbolic shapes into values whose shapes have unknown entries."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if not needs_symbolic_inference(model):
+            return ir.passes.PassResult(model, False)
+        try:
+            from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+            inferred = SymbolicShapeInference.infer_shapes(ir.serde.serialize_model(model), auto_merge=True)
+        except Exception as exc:  # the tool raises on ops it does not know; ONNX's shapes stay
+            log.debug("onnxruntime symbolic shape inference failed: %s", exc)
+            return ir.passes.PassResult(model, False)
+        if inferred is None:
+            return ir.passes.PassResult(model, False)
+        better = {}
+        for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+            if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+                continue
+            dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                    for d in vi.type.tensor_type.shape.dim]
+            better[vi.name] = dims
+        modified = False
+        for node in model.graph:
+            for v in node.outputs:
+                dims = better.get(v.name)
+                if dims is None:
+                    continue
+                if v.shape is not None and len(v.shape) != len(dims):
+                    continue
+                new = ir.Shape(dims)
+                if _unknowns(new) < _unknowns(v.shape):
+                    v.shape = new
+                    modified = True
+        return ir.passes.PassResult(model, modified)

@@ -85,6 +85,7 @@ class CanonicalizePass(ir.passes.InPlacePass):
             UntieUniformInitializersPass(),
             common.TopologicalSortPass(),
             common.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True),
+            CompleteShapesPass(),
             SymbolicShapesPass(),
             CompleteShapesPass(),
         )

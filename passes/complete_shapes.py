@@ -50,8 +50,10 @@ def _entry(d):
     return v if isinstance(v, (int, str)) else None
 
 
-def _solve_reshape(node: ir.Node) -> tuple[str, int] | None:
-    """(symbol, value) when the output's only unknown entry of a Reshape is a whole number."""
+def _solve_reshape(node: ir.Node) -> tuple[str, int | str] | None:
+    """(symbol, value) when the output's only unknown entry of a Reshape is determined by the
+    element count: a whole number, or a product with the input's leftover symbols written as
+    ``4*batch`` (a fold of ``[batch, 4, ...]``), the form symbolic inference uses."""
     x, y = node.inputs[0], node.outputs[0]
     if x is None or x.shape is None or y.shape is None:
         return None
@@ -63,8 +65,14 @@ def _solve_reshape(node: ir.Node) -> tuple[str, int] | None:
     if len(unknown) != 1 or not isinstance(ys[unknown[0]], str):
         return None
     rest = [e for k, e in enumerate(ys) if k != unknown[0]]
-    if sorted(x_syms) != sorted(e for e in rest if isinstance(e, str)):
-        return None
+    leftover = list(x_syms)
+    for e in rest:
+        if isinstance(e, str):
+            if e not in leftover:
+                return None
+            leftover.remove(e)
+    if any(("*" in e or not e.replace("_", "").isalnum()) for e in leftover):
+        return None  # keep to plain symbols: no expression algebra here
     num = 1
     for e in xs:
         num *= e if isinstance(e, int) else 1
@@ -73,17 +81,21 @@ def _solve_reshape(node: ir.Node) -> tuple[str, int] | None:
         den *= e if isinstance(e, int) else 1
     if den == 0 or num % den:
         return None
-    return ys[unknown[0]], num // den
+    value = num // den
+    if not leftover:
+        return ys[unknown[0]], value
+    return ys[unknown[0]], "*".join(([str(value)] if value != 1 else []) + sorted(leftover))
 
 
-def _substitute(model: ir.Model, symbol: str, value: int) -> set[str]:
+def _substitute(model: ir.Model, symbol: str, value: int | str) -> set[str]:
     values = list(model.graph.inputs) + list(model.graph.outputs)
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         values.extend(node.outputs)
     changed = set()
     for v in values:
         if v.shape is not None and any(_entry(d) == symbol for d in v.shape):
-            v.shape = ir.Shape([value if _entry(d) == symbol else d for d in v.shape])
+            v.shape = ir.Shape([(value if isinstance(value, int) else ir.SymbolicDim(value))
+                                if _entry(d) == symbol else d for d in v.shape])
             changed.add(v.name)
     return changed
 

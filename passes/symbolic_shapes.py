@@ -29,9 +29,10 @@ def _unknowns(shape) -> int:
 
 
 def needs_symbolic_inference(model: ir.Model) -> bool:
+    """Whether a tensor (not integer shape arithmetic) still has an unknown size."""
     for node in model.graph:
         for v in node.outputs:
-            if v.shape is None or _unknowns(v.shape):
+            if v.dtype is not None and not v.dtype.is_integer() and (v.shape is None or _unknowns(v.shape)):
                 return True
     return False
 

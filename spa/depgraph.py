@@ -7,7 +7,7 @@ equivalences are computed per component with vectorised union-find over index sl
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import networkx as nx
@@ -15,7 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from spa.dims import Dim
-from spa.groups import BlockedGroup, Group, Member
+from spa.groups import BlockedGroup, Group, HeadInfo, Member
 from spa.rules import Edge, Fixup, RuleContext, RuleOutput, RuleRefusal, lookup
 from spa.rules.registry import static_size
 
@@ -69,6 +69,7 @@ class DependencyGraph:
         self.edges: list[Edge] = []
         self.inexact: set[Dim] = set()
         self.periodic: dict[Dim, int] = {}
+        self.tags: dict[Dim, str] = {}
         self._barrier_dims: list[tuple[Barrier, list[Dim]]] = []
         self.order: dict[str, int] = {}
         self.values = {}
@@ -181,6 +182,8 @@ class DependencyGraph:
         self.inexact |= out.inexact
         for d, p in out.periods.items():
             self.periodic.setdefault(d, p)
+        for d, t in out.tags.items():
+            self.tags.setdefault(d, t)
 
     def _block_captured(self, node) -> None:
         """Values of the outer graph read inside a subgraph cannot change shape."""
@@ -312,7 +315,27 @@ class DependencyGraph:
                 )
             )
         exact = not any(d in self.inexact for d in comp)
-        return Group(gid, key, int(uniq.size), tuple(members), exact), None
+        group = Group(gid, key, int(uniq.size), tuple(members), exact)
+        return replace(group, kind=self._kind(group), heads=self._heads(group, edges)), None
+
+    def _heads(self, group: Group, edges: list[Edge]) -> HeadInfo | None:
+        """Heads of an attention group: query heads (the widest heads axis), KV groups (the
+        group's channels) and head_dim (the block size of the reshape that split a projection
+        into heads; the block size of GQA's K/V repeat is told apart by its heads-sized source)."""
+        sizes = {m.size for m in group.members if self.tags.get(m.dim) == "heads"}
+        if not sizes:
+            return None
+        head_sizes = sizes | {group.size}
+        splits = [e.map.k for e in edges if e.map.kind == "block"
+                  and self.sizes.get(e.src) not in head_sizes and self.sizes.get(e.dst) in head_sizes]
+        return HeadInfo(q_heads=max(sizes), kv_groups=group.size, head_dim=min(splits) if splits else 0)
+
+    def _kind(self, group: Group) -> str:
+        if any(self.tags.get(m.dim) == "heads" for m in group.members):
+            return "heads"
+        if not group.exact:  # a normalization (LayerNorm, RMSNorm's mean) runs over it
+            return "hidden"
+        return "channels"
 
     @property
     def groups(self) -> tuple[Group, ...]:
@@ -338,7 +361,8 @@ class DependencyGraph:
 
     def relevant_barriers(self) -> list[Barrier]:
         """Barriers that touch a component holding a parameter axis (not only shape math)."""
-        param_dims = {d for comp in self._components if any(x in self.roles for x in comp) for d in comp}
+        param_dims = {d for comp in self._components
+                      if any(x in self.roles and self.param_source(x) for x in comp) for d in comp}
         return [b for b, dims in self._barrier_dims if any(d in param_dims for d in dims)]
 
     def explain(self, a: Dim, b: Dim) -> list[str]:

@@ -33,6 +33,25 @@ class Member:
         return np.flatnonzero(np.isin(self.channel, keep))
 
 
+@dataclass(frozen=True, slots=True)
+class HeadInfo:
+    """Attention heads of a group. One channel is one KV group: its K and V heads and the
+    ``q_heads // kv_groups`` query heads that read them (one head when they are equal)."""
+
+    q_heads: int
+    kv_groups: int
+    head_dim: int
+
+    @property
+    def q_per_group(self) -> int:
+        return self.q_heads // self.kv_groups if self.kv_groups else 0
+
+    def describe(self) -> str:
+        if self.q_heads == self.kv_groups:
+            return f"{self.q_heads} heads, head_dim {self.head_dim}"
+        return f"{self.q_heads} q heads in {self.kv_groups} KV groups ({self.q_per_group} q per KV head), head_dim {self.head_dim}"
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class Group:
     """A prunable unit: ``size`` channels; removing channel c removes, in every member,
@@ -43,6 +62,8 @@ class Group:
     size: int
     members: tuple[Member, ...]
     exact: bool = True  # False when a normalization over the pruned axis changes outputs
+    kind: str = "channels"  # "heads" (attention), "hidden" (a normalized stream), "channels"
+    heads: HeadInfo | None = None
 
     @property
     def params(self) -> tuple[Member, ...]:

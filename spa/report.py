@@ -33,6 +33,9 @@ def inspect_dict(dg: DependencyGraph) -> dict:
                 "key": g.key,
                 "channels": g.size,
                 "exact": g.exact,
+                "kind": g.kind,
+                "heads": None if g.heads is None else {
+                    "q_heads": g.heads.q_heads, "kv_groups": g.heads.kv_groups, "head_dim": g.heads.head_dim},
                 "members": [
                     {"dim": str(m.dim), "size": m.size, "role": m.role, "node": m.node, "param": m.param}
                     for m in g.members
@@ -49,19 +52,33 @@ def inspect_dict(dg: DependencyGraph) -> dict:
     }
 
 
+def attention_lines(dg: DependencyGraph) -> list[str]:
+    """One line per attention group, e.g. 'layer 3 attention: 16 q heads in 4 KV groups ...'."""
+    lines = []
+    for layer, g in enumerate(x for x in dg.groups if x.heads is not None):
+        lines.append(f"  layer {layer} attention: {g.heads.describe()}  [group {g.key}]")
+    return lines
+
+
 def inspect_text(dg: DependencyGraph, show_all: bool = False) -> str:
     out = []
     rows = []
     for i, g in enumerate(dg.groups):
         outs = [m.node for m in g.params if m.role == "out"]
         ins = [m.node for m in g.params if m.role == "in"]
-        rows.append([i, g.key, g.size, len(g.members), len(g.params), _short(dict.fromkeys(outs)),
+        rows.append([i, g.key, g.kind, g.size, len(g.members), len(g.params), _short(dict.fromkeys(outs)),
                      _short(dict.fromkeys(ins)), "yes" if g.exact else "no"])
     n_ch = sum(g.size for g in dg.groups)
     out.append(f"Prunable groups: {len(dg.groups)} ({n_ch} channels)")
     if rows:
-        out.append(table(["#", "group", "channels", "dims", "params", "produced by", "consumed by", "exact"],
-                         rows, "rlrrrllr"))
+        out.append(table(["#", "group", "kind", "channels", "dims", "params", "produced by", "consumed by", "exact"],
+                         rows, "rllrrrllr"))
+    attention = attention_lines(dg)
+    if attention:
+        out.append("")
+        out.append(f"Attention layers: {len(attention)} (a unit is one KV group: its K/V heads and the query heads "
+                   "that read them; head_dim is never cut)")
+        out.extend(attention)
     if dg.blocked_groups:
         out.append("")
         out.append(f"Blocked parameter axes: {len(dg.blocked_groups)}")

@@ -37,6 +37,8 @@ def matmul(ctx: RuleContext) -> None:
         ctx.couple(ctx.dim(a, -2), ctx.dim(y, -2 if rb > 1 else -1))
     # Batch axes: everything left of the matrix axes, broadcast numpy-style.
     y_shape = ctx.shape(y)
+    # A product of two activations with batch axes (Q·Kᵀ, attention·V): those axes are heads.
+    heads = ctx.const(a) is None and ctx.const(b) is None
     n_batch_y = ry - (ra > 1) - (rb > 1)
     for v, r in ((a, ra), (b, rb)):
         n_batch = max(r - 2, 0)
@@ -48,5 +50,7 @@ def matmul(ctx: RuleContext) -> None:
                 ctx.free(d)
             elif shape[i] is not None and shape[i] == y_shape[ay]:
                 ctx.couple(d, ctx.dim(y, ay))
+                if heads:
+                    ctx.tag(d, "heads")
             else:
                 ctx.block(d, f"cannot tell how batch axis {i} of '{v.name}' broadcasts")

@@ -86,6 +86,7 @@ class RuleOutput:
     sizes: dict[Dim, Any] = field(default_factory=dict)
     inexact: set[Dim] = field(default_factory=set)
     periods: dict[Dim, int] = field(default_factory=dict)
+    tags: dict[Dim, str] = field(default_factory=dict)
 
 
 def static_size(dim: Any) -> int | str | None:
@@ -197,6 +198,11 @@ class RuleContext:
     def inexact(self, d: Dim) -> None:
         """Pruning ``d`` changes the outputs beyond masking (e.g. a norm over it)."""
         self._out.inexact.add(d)
+
+    def tag(self, d: Dim, tag: str) -> None:
+        """Describe what ``d`` is (``"heads"``: a batch axis of a product of two activations,
+        as in Q·Kᵀ); reports use it, couplings do not."""
+        self._out.tags.setdefault(d, tag)
 
     def periodic(self, d: Dim, period: int) -> None:
         """``d`` has a symbolic size ``n * period`` whose index ``i`` is channel ``i % period``:

@@ -29,11 +29,13 @@ def concat(ctx: RuleContext) -> None:
     """y[axis] index off_k + i ~ x_k[axis] index i; other axes identity."""
     y = ctx.out(0)
     axis = int(ctx.attr("axis")) % ctx.rank(y)
+    sizes = [ctx.size(x, axis) for x in ctx.node.inputs]
     off = 0
-    for x in ctx.node.inputs:
+    for x, n in zip(ctx.node.inputs, sizes):
         _other_axes_identity(ctx, x, y, axis)
-        ctx.couple(ctx.dim(x, axis), ctx.dim(y, axis), offset(off))
-        off += ctx.int_size(x, axis)
+        if all(isinstance(s, int) for s in sizes):  # else the concat axis stays untied (blocked)
+            ctx.couple(ctx.dim(x, axis), ctx.dim(y, axis), offset(off))
+            off += n
 
 
 @register("Split")
@@ -148,6 +150,8 @@ def gather(ctx: RuleContext) -> None:
             ctx.couple(ctx.dim(x, a), ctx.dim(y, a))
         elif a > axis:
             ctx.couple(ctx.dim(x, a), ctx.dim(y, a + q - 1))
+        if a != axis:  # a table (embeddings) produces the channels it carries
+            ctx.role(ctx.dim(x, a), "out")
     for a in range(q):
         ctx.couple(ctx.dim(idx, a), ctx.dim(y, axis + a))
 

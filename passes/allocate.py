@@ -10,7 +10,7 @@ import numpy as np
 
 from spa.depgraph import DependencyGraph
 from spa.errors import ArgumentError
-from spa.groups import Group
+from spa.groups import GROUP_KINDS, Group
 from spa.plan import GroupPlan, Plan
 from spa.passes.score import Scores
 
@@ -49,17 +49,25 @@ def allocate(
     round_to: int = 1,
     protect=(),
     max_group_ratio: float = 0.9,
+    kinds=None,
 ) -> Plan:
     """Keep the best channels of each group.
 
     ``ratio`` is the fraction of channels removed: per group (uniform), or over all groups
     together (global, ranking normalized scores; no group loses more than ``max_group_ratio``).
+    ``kinds`` limits pruning to groups of those kinds (``heads``, ``channels``, ``hidden``).
     """
     if not 0.0 <= ratio < 1.0:
         raise ArgumentError(f"ratio={ratio} must be in [0, 1)")
     if round_to < 1:
         raise ArgumentError(f"round_to={round_to} must be a positive integer")
     protect = tuple(protect)
+    if kinds is not None:
+        kinds = frozenset(kinds)
+        unknown = kinds - GROUP_KINDS
+        if unknown:
+            raise ArgumentError(f"unknown group kind(s) {', '.join(sorted(unknown))}; "
+                                f"choose from {', '.join(sorted(GROUP_KINDS))}")
     entries: dict[str, GroupPlan] = {}
     candidates = []
     for g in dg.groups:
@@ -68,6 +76,8 @@ def allocate(
             log.info("group %s: criterion %s does not apply, kept whole", g.key, scores.criterion)
         elif protect and is_protected(g, protect):
             log.info("group %s: protected, kept whole", g.key)
+        elif kinds is not None and g.kind not in kinds:
+            log.info("group %s: kind %s not selected, kept whole", g.key, g.kind)
         else:
             candidates.append(g)
             continue
@@ -80,6 +90,8 @@ def allocate(
         keep = _keep_every_member(g, _top(scores[g.key], keep_n[g.key]), scores[g.key])
         entries[g.key] = GroupPlan(g.key, g.size, keep)
     meta = {"ratio": ratio, "global": global_pruning, "round_to": round_to, "criterion": scores.criterion}
+    if kinds is not None:
+        meta["kinds"] = sorted(kinds)
     return Plan(tuple(entries[g.key] for g in dg.groups), meta)
 
 

@@ -58,6 +58,17 @@ class ApplyContext:
         node.replace_input_with(index, value)
 
 
+def _rescaled(entry, period: int):
+    """A periodic axis ``4*batch`` that keeps ``period`` channels becomes ``period*batch``."""
+    from spa.rules.view import _factor
+
+    text = getattr(entry, "value", entry)
+    if not isinstance(text, str):
+        return None
+    syms = _factor(text).syms
+    return ir.SymbolicDim("*".join(([str(period)] if period != 1 else []) + list(syms))) if syms else None
+
+
 def _dtype(array: np.ndarray) -> ir.DataType:
     return ir.DataType.from_numpy(array.dtype)
 
@@ -125,6 +136,6 @@ class ApplyPlanPass(ir.passes.InPlacePass):
             elif v.shape is not None:
                 dims = list(v.shape)
                 for axis, idx in cuts:
-                    # A periodic axis (n * period) keeps a dynamic size: inference derives it.
-                    dims[axis] = None if Dim(name, axis) in dg.periodic else int(idx.size)
+                    d = Dim(name, axis)
+                    dims[axis] = _rescaled(dims[axis], int(idx.size)) if d in dg.periodic else int(idx.size)
                 v.shape = ir.Shape(dims)

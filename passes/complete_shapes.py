@@ -62,7 +62,7 @@ def _solve_reshape(node: ir.Node) -> tuple[str, int | str] | None:
         return None
     x_syms = [e for e in xs if isinstance(e, str)]
     unknown = [k for k, e in enumerate(ys) if e is None or (isinstance(e, str) and e not in x_syms)]
-    if len(unknown) != 1 or not isinstance(ys[unknown[0]], str):
+    if len(unknown) != 1:
         return None
     rest = [e for k, e in enumerate(ys) if k != unknown[0]]
     leftover = list(x_syms)
@@ -82,9 +82,14 @@ def _solve_reshape(node: ir.Node) -> tuple[str, int | str] | None:
     if den == 0 or num % den:
         return None
     value = num // den
-    if not leftover:
-        return ys[unknown[0]], value
-    return ys[unknown[0]], "*".join(([str(value)] if value != 1 else []) + sorted(leftover))
+    if leftover:
+        value = "*".join(([str(value)] if value != 1 else []) + sorted(leftover))
+    if ys[unknown[0]] is None:  # no symbol to replace elsewhere: fill this entry only
+        dims = list(y.shape)
+        dims[unknown[0]] = value if isinstance(value, int) else ir.SymbolicDim(value)
+        y.shape = ir.Shape(dims)
+        return "", value
+    return ys[unknown[0]], value
 
 
 def _substitute(model: ir.Model, symbol: str, value: int | str) -> set[str]:
@@ -120,7 +125,7 @@ class CompleteShapesPass(ir.passes.InPlacePass):
                 if node.op_type == "Reshape" and node.domain in ("", "ai.onnx"):
                     solved = _solve_reshape(node)
                     if solved is not None:
-                        solved_values |= _substitute(model, *solved)
+                        solved_values |= _substitute(model, *solved) if solved[0] else {node.outputs[0].name}
             if not solved_values:
                 break
             modified = True

@@ -49,11 +49,12 @@ def score(dg: DependencyGraph, criterion: str = "l1", reduction: str = "mean",
 
 
 def make_plan(dg: DependencyGraph, scores, ratio: float, global_pruning: bool = False,
-              round_to: int = 1, protect: Iterable[str] = ()) -> Plan:
-    """Channels to keep per group."""
+              round_to: int = 1, protect: Iterable[str] = (), kinds: Iterable[str] | None = None) -> Plan:
+    """Channels to keep per group (only groups of ``kinds`` when given: heads/channels/hidden)."""
     from spa.passes.allocate import allocate
 
-    return allocate(dg, scores, ratio, global_pruning, round_to, tuple(protect))
+    return allocate(dg, scores, ratio, global_pruning, round_to, tuple(protect),
+                    kinds=None if kinds is None else tuple(kinds))
 
 
 def _apply(model: ir.Model, plan: Plan) -> ir.Model:
@@ -133,6 +134,7 @@ def prune(
     global_pruning: bool = False,
     round_to: int = 1,
     protect: Iterable[str] = (),
+    kinds: Iterable[str] | None = None,
     seed: int = 0,
     output: str | os.PathLike | None = None,
     plan_out: str | os.PathLike | None = None,
@@ -146,7 +148,9 @@ def prune(
     ``ratio`` is the fraction of channels removed from every group (or from all groups
     together with ``global_pruning``). Returns a :class:`PruneResult`; with ``output`` the
     pruned model is also written (atomically, only once it verified). ``run=False`` keeps the
-    checker and strict shape inference but skips the onnxruntime run.
+    checker and strict shape inference but skips the onnxruntime run. ``kinds`` prunes only
+    groups of those kinds: ``heads`` (attention, whole KV groups), ``channels`` (FFN, conv) and
+    ``hidden`` (the residual stream; valid but not exact, as norms over it change).
     """
     if (output is not None and isinstance(model, (str, os.PathLike))
             and Path(output).resolve() == Path(model).resolve()):
@@ -159,7 +163,7 @@ def prune(
     progress.note(f"{len(groups)} prunable groups, {len(dg.blocked_groups)} blocked")
     with progress.step(f"scoring ({criterion})"):
         scores = score(dg, criterion, reduction, normalization, seed)
-    plan = make_plan(dg, scores, ratio, global_pruning, round_to, protect)
+    plan = make_plan(dg, scores, ratio, global_pruning, round_to, protect, kinds)
     plan = Plan(plan.groups, {**plan.meta, "reduction": reduction, "normalization": normalization, "seed": seed})
     pruned = apply_plan(loaded, plan, verify=False, progress=progress)
     result = PruneResult(pruned, plan, dg)

@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--round-to", type=int, default=1, metavar="N", help="kept channel counts are multiples of N")
     pr.add_argument("--protect", nargs="+", default=[], metavar="NAME",
                     help="node or parameter names (globs) whose groups are never pruned")
+    pr.add_argument("--kinds", metavar="K1,K2", type=lambda v: [k.strip() for k in v.split(",") if k.strip()],
+                    help="prune only groups of these kinds: heads, channels, hidden (default: all)")
     pr.add_argument("--plan-out", metavar="FILE", help="write the plan as JSON (for spa apply)")
     pr.add_argument("--seed", type=int, default=0, help="seed of the random criterion")
     pr.add_argument("--no-verify", action="store_true", help="skip the onnxruntime run (the checker still runs)")
@@ -111,7 +113,7 @@ def _cmd_prune(args) -> int:
     result = spa.prune(
         args.model, args.ratio, criterion=args.criterion, reduction=args.reduction,
         normalization=args.normalization, global_pruning=args.global_pruning, round_to=args.round_to,
-        protect=args.protect, seed=args.seed, output=args.output, plan_out=args.plan_out,
+        protect=args.protect, kinds=args.kinds, seed=args.seed, output=args.output, plan_out=args.plan_out,
         input_shapes=_input_shapes(args.input_shape), progress=prog, verify=True, run=not args.no_verify,
     )
     pruned = len(result.plan.pruned_groups)

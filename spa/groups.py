@@ -11,6 +11,8 @@ from spa.dims import Dim
 #: Roles a parameter dim can play in a group (set by the op rules).
 WEIGHT_ROLES = frozenset({"out", "in"})
 MAGNITUDE_ROLES = frozenset({"out", "in", "scale"})
+#: Group kinds: attention heads, a stream normalized over (hidden size), other channels.
+GROUP_KINDS = frozenset({"heads", "hidden", "channels"})
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -47,9 +49,10 @@ class HeadInfo:
         return self.q_heads // self.kv_groups if self.kv_groups else 0
 
     def describe(self) -> str:
+        dim = f", head_dim {self.head_dim}" if self.head_dim else ""
         if self.q_heads == self.kv_groups:
-            return f"{self.q_heads} heads, head_dim {self.head_dim}"
-        return f"{self.q_heads} q heads in {self.kv_groups} KV groups ({self.q_per_group} q per KV head), head_dim {self.head_dim}"
+            return f"{self.q_heads} heads{dim}"
+        return f"{self.q_heads} q heads in {self.kv_groups} KV groups ({self.q_per_group} q per KV head){dim}"
 
 
 @dataclass(frozen=True, slots=True, eq=False)

@@ -54,3 +54,73 @@ def matmul(ctx: RuleContext) -> None:
                     ctx.tag(d, "heads")
             else:
                 ctx.block(d, f"cannot tell how batch axis {i} of '{v.name}' broadcasts")
+
+
+def _einsum_terms(ctx: RuleContext, inputs) -> tuple[list[str], str]:
+    """Operand and output subscripts with ``...`` expanded to upper-case letters."""
+    eq = str(ctx.attr("equation")).replace(" ", "")
+    lhs, _, rhs = eq.partition("->")
+    terms = lhs.split(",")
+    if len(terms) != len(inputs):
+        ctx.refuse(f"equation '{eq}' names {len(terms)} operands, the node has {len(inputs)}")
+    n_ell = 0
+    for t, v in zip(terms, inputs):
+        if "..." in t:
+            n_ell = max(n_ell, ctx.rank(v) - (len(t) - 3))
+    ell = "".join(chr(ord("A") + k) for k in range(n_ell))
+    out = []
+    for t, v in zip(terms, inputs):
+        if "..." in t:
+            k = ctx.rank(v) - (len(t) - 3)
+            t = t.replace("...", ell[n_ell - k:])
+        if len(set(t)) != len(t):
+            ctx.refuse(f"repeated subscript in '{t}' (diagonal) is not supported")
+        if len(t) != ctx.rank(v):
+            ctx.refuse(f"subscripts '{t}' do not match the rank of '{v.name}'")
+        out.append(t)
+    if "->" in eq:
+        rhs = rhs.replace("...", ell)
+    else:
+        letters = "".join(out)
+        rhs = ell + "".join(sorted(c for c in set(letters) if letters.count(c) == 1 and c not in ell))
+    return out, rhs
+
+
+@register("Einsum")
+def einsum(ctx: RuleContext) -> None:
+    """Axes with the same subscript are one axis (size-1 axes broadcast). On a constant operand,
+    subscripts kept in the output are its out axes and contracted ones its in axes; subscripts
+    shared by two activations and the output are batch axes (heads)."""
+    inputs = [v for v in ctx.node.inputs if v is not None]
+    y = ctx.out(0)
+    terms, rhs = _einsum_terms(ctx, inputs)
+    occurrences: dict[str, list] = {}
+    for t, v in zip(terms, inputs):
+        for a, c in enumerate(t):
+            occurrences.setdefault(c, []).append((v, a))
+    for a, c in enumerate(rhs):
+        occurrences.setdefault(c, []).append((y, a))
+    activations = [v for v in inputs if ctx.const(v) is None]
+    for c, occ in occurrences.items():
+        sized = [(v, a) for v, a in occ if ctx.size(v, a) != 1]
+        for v, a in occ:
+            if ctx.size(v, a) == 1 and sized:
+                ctx.free(ctx.dim(v, a))
+        if not sized:
+            for v, a in occ:
+                ctx.free(ctx.dim(v, a))
+            continue
+        in_acts = {id(v) for v, _ in sized if v is not y and ctx.const(v) is None}
+        if len(in_acts) >= 2 and c not in rhs:
+            for v, a in sized:  # Q·Kᵀ over head_dim: heads are pruned whole, head_dim never
+                ctx.block(ctx.dim(v, a), f"'{c}' is contracted between two activations in Einsum '{ctx.name}'")
+            continue
+        first = ctx.dim(*sized[0])
+        for v, a in sized[1:]:
+            ctx.couple(ctx.dim(v, a), first)
+        for v, a in sized:
+            if v is not y and ctx.const(v) is not None:
+                ctx.role(ctx.dim(v, a), "out" if c in rhs else "in")
+        if len(activations) >= 2 and len(in_acts) >= 2 and c in rhs:
+            for v, a in sized:
+                ctx.tag(ctx.dim(v, a), "heads")

@@ -24,8 +24,16 @@ SAME_SHAPE_OPS = UNARY_OPS | frozenset(
 )
 
 
+#: onnxruntime's fused normalizations: output 0 (and the sum, output 3) keep the input's shape.
+MS_SAME_SHAPE_OPS = frozenset(
+    "LayerNormalization SimplifiedLayerNormalization SkipLayerNormalization SkipSimplifiedLayerNormalization".split()
+)
+
+
 def _partial(node: ir.Node) -> ir.Shape | None:
     x = node.inputs[0] if node.inputs else None
+    if node.domain == "com.microsoft" and node.op_type in MS_SAME_SHAPE_OPS and x is not None:
+        return x.shape
     if node.domain not in ("", "ai.onnx") or x is None:
         return None
     if node.op_type in SAME_SHAPE_OPS:
@@ -139,4 +147,6 @@ class CompleteShapesPass(ir.passes.InPlacePass):
             if shape is not None:
                 out.shape = shape
                 modified = True
+                if node.op_type.startswith("Skip") and len(node.outputs) > 3 and node.outputs[3] is not None:
+                    node.outputs[3].shape = shape
         return ir.passes.PassResult(model, modified)

@@ -10,6 +10,7 @@ import onnx_ir as ir
 from spa.runtime import concrete_shape
 
 _FLOAT = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
+_FLOAT_PROTO = {int(t) for t in _FLOAT}
 
 
 def count_params(model: ir.Model) -> int:
@@ -28,7 +29,9 @@ def _static_shapes(model: ir.Model, input_shapes: dict | None) -> dict[str, tupl
             d.dim_value = s
     for vi in list(proto.graph.value_info):
         proto.graph.value_info.remove(vi)
-    for init in proto.graph.initializer:  # shapes only: no need to carry weights
+    for init in proto.graph.initializer:  # shapes only: no need to carry weights (keep shape constants)
+        if init.data_type not in _FLOAT_PROTO:
+            continue
         init.ClearField("raw_data")
         init.ClearField("float_data")
         init.data_location = onnx.TensorProto.DEFAULT
@@ -45,9 +48,32 @@ def _static_shapes(model: ir.Model, input_shapes: dict | None) -> dict[str, tupl
     return shapes
 
 
+_MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def _run_shapes(model: ir.Model, names: list[str], input_shapes: dict | None) -> dict[str, tuple[int, ...]]:
+    """Shapes of ``names`` read off one onnxruntime run (where inference cannot follow the
+    Shape arithmetic of an export with dynamic axes)."""
+    from spa import runtime
+    from spa.io import to_proto
+
+    proto = to_proto(model)
+    known = {o.name for o in proto.graph.output}
+    for name in names:
+        if name not in known:
+            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    sess = runtime.session(proto, optimize=False)
+    outs = sess.run(names, runtime.random_feeds(sess, input_shapes))
+    return {n: tuple(o.shape) for n, o in zip(names, outs)}
+
+
 def count_macs(model: ir.Model, input_shapes: dict | None = None) -> int:
     """Multiply-accumulates of one forward pass with concrete input shapes."""
     shapes = _static_shapes(model, input_shapes)
+    missing = [v.name for node in model.graph if node.op_type in _MAC_OPS
+               for v in (node.inputs[0], node.outputs[0]) if v is not None and v.name not in shapes]
+    if missing:
+        shapes.update(_run_shapes(model, list(dict.fromkeys(missing)), input_shapes))
     total = 0
     for node in model.graph:
         ins = [shapes.get(v.name) if v is not None else None for v in node.inputs]

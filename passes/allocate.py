@@ -50,18 +50,25 @@ def allocate(
     protect=(),
     max_group_ratio: float = 0.9,
     kinds=None,
+    gqa: str = "kv",
 ) -> Plan:
     """Keep the best channels of each group.
 
     ``ratio`` is the fraction of channels removed: per group (uniform), or over all groups
     together (global, ranking normalized scores; no group loses more than ``max_group_ratio``).
     ``kinds`` limits pruning to groups of those kinds (``heads``, ``channels``, ``hidden``).
+    ``gqa`` says how a heads group under GQA loses its share: ``kv`` removes whole K/V groups
+    (their K/V heads with the query heads that read them), ``q`` keeps every K/V head and
+    removes query heads within each group (the same positions in all groups), ``both`` splits
+    the ratio between the two. Within-group pruning is uniform even with global allocation.
     """
     if not 0.0 <= ratio < 1.0:
         raise ArgumentError(f"ratio={ratio} must be in [0, 1)")
     if round_to < 1:
         raise ArgumentError(f"round_to={round_to} must be a positive integer")
     protect = tuple(protect)
+    if gqa not in GQA_MODES:
+        raise ArgumentError(f"gqa={gqa!r} is not one of {', '.join(GQA_MODES)}")
     if kinds is not None:
         kinds = frozenset(kinds)
         unknown = kinds - GROUP_KINDS
@@ -78,6 +85,9 @@ def allocate(
             log.info("group %s: protected, kept whole", g.key)
         elif kinds is not None and g.kind not in kinds:
             log.info("group %s: kind %s not selected, kept whole", g.key, g.kind)
+        elif g.heads is not None and g.heads.slots > 1 and gqa != "kv":
+            entries[g.key] = _within_groups(g, scores, ratio, gqa)
+            continue
         else:
             candidates.append(g)
             continue
@@ -92,7 +102,27 @@ def allocate(
     meta = {"ratio": ratio, "global": global_pruning, "round_to": round_to, "criterion": scores.criterion}
     if kinds is not None:
         meta["kinds"] = sorted(kinds)
+    if gqa != "kv":
+        meta["gqa"] = gqa
     return Plan(tuple(entries[g.key] for g in dg.groups), meta)
+
+
+GQA_MODES = ("kv", "q", "both")
+
+
+def _within_groups(g: Group, scores: Scores, ratio: float, gqa: str) -> GroupPlan:
+    """Plan of a GQA heads group pruned within its K/V groups (``q``) or both ways (``both``)."""
+    rep = g.heads.slots
+    frac = 1.0 - ratio
+    if gqa == "q":
+        n_kv, n_slots = g.size, rep - math.floor(rep * ratio)
+    else:
+        n_kv = max(1, round(g.size * math.sqrt(frac)))
+        n_slots = max(1, round(rep * frac * g.size / n_kv))
+        n_slots = min(n_slots, rep)
+    slot_s = scores.slots.get(g.key)
+    slots = _top(slot_s, n_slots) if slot_s is not None else tuple(range(n_slots))
+    return GroupPlan(g.key, g.size, _top(scores[g.key], max(1, n_kv)), slots if n_slots < rep else None)
 
 
 def _keep_every_member(group: Group, keep: tuple[int, ...], scores: np.ndarray) -> tuple[int, ...]:

@@ -97,11 +97,20 @@ class ApplyPlanPass(ir.passes.InPlacePass):
                 continue
             if group.size != gp.size:
                 raise PlanError(f"plan group '{gp.key}' has {gp.size} channels, the model's has {group.size}")
-            if not gp.removed:
+            if not gp.changes:
                 continue
+            slots = None
+            if gp.slots is not None:
+                n_slots = group.heads.slots if group.heads is not None else 0
+                if not n_slots:
+                    raise PlanError(f"plan group '{gp.key}' prunes query heads within K/V groups, but this "
+                                    "group has no K/V repeat (GQA) to do it in")
+                if gp.slots[-1] >= n_slots:
+                    raise PlanError(f"plan group '{gp.key}': slots must lie in 0..{n_slots - 1}")
+                slots = np.asarray(gp.slots, dtype=np.int64)
             keep = np.asarray(gp.keep, dtype=np.int64)
             for m in group.members:
-                kept[m.dim] = m.kept_indices(keep)
+                kept[m.dim] = m.kept_indices(keep, slots)
                 if kept[m.dim].size == 0:
                     raise PlanError(f"plan group '{gp.key}' would leave {m.dim} with no channel; keep at "
                                     f"least one of channels {np.unique(m.channel).tolist()}")

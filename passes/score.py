@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from spa.depgraph import DependencyGraph
-from spa.importance import group_scores
+from spa.importance import group_scores, slot_scores
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,6 +16,7 @@ class Scores:
 
     by_key: dict
     criterion: str
+    slots: dict = field(default_factory=dict)  # GQA heads groups: scores of query-head positions
 
     def __getitem__(self, key: str) -> np.ndarray | None:
         return self.by_key.get(key)
@@ -37,4 +38,5 @@ def score_groups(
         return cache[name]
 
     by_key = {g.key: group_scores(g, array_of, criterion, reduction, normalization, rng) for g in dg.groups}
-    return Scores(by_key, criterion)
+    slots = {g.key: slot_scores(g, array_of, criterion, rng) for g in dg.groups if g.heads and g.heads.slots}
+    return Scores(by_key, criterion, slots)

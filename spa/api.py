@@ -49,12 +49,14 @@ def score(dg: DependencyGraph, criterion: str = "l1", reduction: str = "mean",
 
 
 def make_plan(dg: DependencyGraph, scores, ratio: float, global_pruning: bool = False,
-              round_to: int = 1, protect: Iterable[str] = (), kinds: Iterable[str] | None = None) -> Plan:
-    """Channels to keep per group (only groups of ``kinds`` when given: heads/channels/hidden)."""
+              round_to: int = 1, protect: Iterable[str] = (), kinds: Iterable[str] | None = None,
+              gqa: str = "kv") -> Plan:
+    """Channels to keep per group (only groups of ``kinds`` when given: heads/channels/hidden;
+    ``gqa``: kv / q / both, how GQA heads groups are pruned, see ``spa.passes.allocate``)."""
     from spa.passes.allocate import allocate
 
     return allocate(dg, scores, ratio, global_pruning, round_to, tuple(protect),
-                    kinds=None if kinds is None else tuple(kinds))
+                    kinds=None if kinds is None else tuple(kinds), gqa=gqa)
 
 
 def _apply(model: ir.Model, plan: Plan) -> ir.Model:
@@ -135,6 +137,7 @@ def prune(
     round_to: int = 1,
     protect: Iterable[str] = (),
     kinds: Iterable[str] | None = None,
+    gqa: str = "kv",
     seed: int = 0,
     output: str | os.PathLike | None = None,
     plan_out: str | os.PathLike | None = None,
@@ -150,7 +153,9 @@ def prune(
     pruned model is also written (atomically, only once it verified). ``run=False`` keeps the
     checker and strict shape inference but skips the onnxruntime run. ``kinds`` prunes only
     groups of those kinds: ``heads`` (attention, whole KV groups), ``channels`` (FFN, conv) and
-    ``hidden`` (the residual stream; valid but not exact, as norms over it change).
+    ``hidden`` (the residual stream; valid but not exact, as norms over it change). ``gqa``
+    (``kv``, ``q``, ``both``) says whether GQA heads groups lose whole K/V groups, query heads
+    within every K/V group, or both.
     """
     if (output is not None and isinstance(model, (str, os.PathLike))
             and Path(output).resolve() == Path(model).resolve()):
@@ -163,7 +168,7 @@ def prune(
     progress.note(f"{len(groups)} prunable groups, {len(dg.blocked_groups)} blocked")
     with progress.step(f"scoring ({criterion})"):
         scores = score(dg, criterion, reduction, normalization, seed)
-    plan = make_plan(dg, scores, ratio, global_pruning, round_to, protect, kinds)
+    plan = make_plan(dg, scores, ratio, global_pruning, round_to, protect, kinds, gqa)
     plan = Plan(plan.groups, {**plan.meta, "reduction": reduction, "normalization": normalization, "seed": seed})
     pruned = apply_plan(loaded, plan, verify=False, progress=progress)
     result = PruneResult(pruned, plan, dg)

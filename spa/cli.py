@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="node or parameter names (globs) whose groups are never pruned")
     pr.add_argument("--kinds", metavar="K1,K2", type=lambda v: [k.strip() for k in v.split(",") if k.strip()],
                     help="prune only groups of these kinds: heads, channels, hidden (default: all)")
+    pr.add_argument("--gqa", choices=("kv", "q", "both"), default="kv",
+                    help="GQA attention: remove whole K/V groups (kv), query heads within every K/V group "
+                         "(q), or both (default: kv)")
     pr.add_argument("--plan-out", metavar="FILE", help="write the plan as JSON (for spa apply)")
     pr.add_argument("--seed", type=int, default=0, help="seed of the random criterion")
     pr.add_argument("--no-verify", action="store_true", help="skip the onnxruntime run (the checker still runs)")
@@ -113,7 +116,7 @@ def _cmd_prune(args) -> int:
     result = spa.prune(
         args.model, args.ratio, criterion=args.criterion, reduction=args.reduction,
         normalization=args.normalization, global_pruning=args.global_pruning, round_to=args.round_to,
-        protect=args.protect, kinds=args.kinds, seed=args.seed, output=args.output, plan_out=args.plan_out,
+        protect=args.protect, kinds=args.kinds, gqa=args.gqa, seed=args.seed, output=args.output, plan_out=args.plan_out,
         input_shapes=_input_shapes(args.input_shape), progress=prog, verify=True, run=not args.no_verify,
     )
     pruned = len(result.plan.pruned_groups)

@@ -301,6 +301,7 @@ class DependencyGraph:
         channel_of_label = np.full(n, -1, dtype=np.int64)
         uniq = labels[np.sort(first)]
         channel_of_label[uniq] = np.arange(uniq.size)
+        slots = self._slots(n, base, edges, src, dst)
         members = []
         for d in comp:
             role = self.roles.get(d)
@@ -312,13 +313,41 @@ class DependencyGraph:
                     node=role[1] if role else None,
                     param=self.param_source(d) if role else None,
                     param_axis=self.param_ref(d)[1] if role and self.param_ref(d) else None,
+                    slot=None if slots is None else slots[base[d]: base[d] + int(self.sizes[d])],
                 )
             )
         exact = not any(d in self.inexact for d in comp)
         group = Group(gid, key, int(uniq.size), tuple(members), exact)
-        return replace(group, kind=self._kind(group), heads=self._heads(group, edges)), None
+        return replace(group, kind=self._kind(group), heads=self._heads(group, edges, slots is not None)), None
 
-    def _heads(self, group: Group, edges: list[Edge]) -> HeadInfo | None:
+    @staticmethod
+    def _slots(n: int, base: dict, edges: list[Edge], src: list, dst: list) -> np.ndarray | None:
+        """Under GQA, the position (0..rep-1) of each query-head index within its K/V group,
+        -1 for K/V-side indices: labels computed without the K/V repeat edges tell query heads
+        apart. None when there is no repeat, or the repeats do not agree on one numbering."""
+        rep_edges = [k for k, e in enumerate(edges) if e.repeat]
+        if not rep_edges:
+            return None
+        reps = {edges[k].map.k for k in rep_edges}
+        if len(reps) != 1:
+            return None
+        rep = reps.pop()
+        keep = [k for k in range(len(edges)) if not edges[k].repeat]
+        a = np.concatenate([src[k] for k in keep]) if keep else np.zeros(0, np.int64)
+        b = np.concatenate([dst[k] for k in keep]) if keep else np.zeros(0, np.int64)
+        fine = _label_components(n, a, b)
+        first = edges[rep_edges[0]]
+        q_labels = fine[src[rep_edges[0]]]  # label of query head h, h = 0..n_q-1
+        kv_labels = fine[base[first.dst] + np.arange(len(q_labels) // rep)]
+        if np.unique(q_labels).size != q_labels.size or np.isin(kv_labels, q_labels).any():
+            return None
+        if any(not np.array_equal(fine[src[k]], q_labels) for k in rep_edges[1:]):
+            return None
+        slot_of = np.full(n, -1, dtype=np.int64)
+        slot_of[q_labels] = np.arange(q_labels.size) % rep
+        return slot_of[fine]
+
+    def _heads(self, group: Group, edges: list[Edge], slots: bool = False) -> HeadInfo | None:
         """Heads of an attention group: query heads (the widest heads axis), KV groups (the
         group's channels) and head_dim (the block size of the reshape that split a projection
         into heads; the block size of GQA's K/V repeat is told apart by its heads-sized source)."""
@@ -328,7 +357,9 @@ class DependencyGraph:
         head_sizes = sizes | {group.size}
         splits = [e.map.k for e in edges if e.map.kind == "block"
                   and self.sizes.get(e.src) not in head_sizes and self.sizes.get(e.dst) in head_sizes]
-        return HeadInfo(q_heads=max(sizes), kv_groups=group.size, head_dim=min(splits) if splits else 0)
+        q_heads = max(sizes)
+        return HeadInfo(q_heads=q_heads, kv_groups=group.size, head_dim=min(splits) if splits else 0,
+                        slots=q_heads // group.size if slots else 0)
 
     def _kind(self, group: Group) -> str:
         if any(self.tags.get(m.dim) == "heads" for m in group.members):

@@ -25,14 +25,19 @@ class Member:
     node: str | None = None  # node that gave the role
     param: str | None = None  # initializer holding the values of this dim, if any
     param_axis: int | None = None  # axis of ``param`` this dim indexes (differs behind a Transpose)
+    slot: np.ndarray | None = None  # GQA: query-head position in its K/V group per index, -1 on K/V side
 
     @property
     def size(self) -> int:
         return int(self.channel.shape[0])
 
-    def kept_indices(self, keep: np.ndarray) -> np.ndarray:
-        """Indices of this dim that survive when the group keeps channels ``keep``."""
-        return np.flatnonzero(np.isin(self.channel, keep))
+    def kept_indices(self, keep: np.ndarray, slots=None) -> np.ndarray:
+        """Indices of this dim that survive when the group keeps channels ``keep`` (and, under
+        GQA, query-head positions ``slots`` within every kept K/V group)."""
+        mask = np.isin(self.channel, keep)
+        if slots is not None and self.slot is not None:
+            mask &= (self.slot < 0) | np.isin(self.slot, slots)
+        return np.flatnonzero(mask)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +48,7 @@ class HeadInfo:
     q_heads: int
     kv_groups: int
     head_dim: int
+    slots: int = 0  # query heads per K/V group that can be pruned within the groups (GQA), else 0
 
     @property
     def q_per_group(self) -> int:
@@ -52,7 +58,8 @@ class HeadInfo:
         dim = f", head_dim {self.head_dim}" if self.head_dim else ""
         if self.q_heads == self.kv_groups:
             return f"{self.q_heads} heads{dim}"
-        return f"{self.q_heads} q heads in {self.kv_groups} KV groups ({self.q_per_group} q per KV head){dim}"
+        within = "; q heads prunable within groups" if self.slots else ""
+        return f"{self.q_heads} q heads in {self.kv_groups} KV groups ({self.q_per_group} q per KV head){dim}{within}"
 
 
 @dataclass(frozen=True, slots=True, eq=False)

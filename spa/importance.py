@@ -79,3 +79,22 @@ def normalize(scores: np.ndarray, normalization: str) -> np.ndarray:
     else:
         return scores
     return scores / d if d > 0 else scores
+
+
+def slot_scores(group: Group, array_of: ArrayOf, criterion: str = "l1",
+                rng: np.random.Generator | None = None) -> np.ndarray | None:
+    """Scores of the query-head positions within K/V groups of a GQA heads group (summed over
+    the K/V groups and the query-side weights), or None without such positions."""
+    n = group.heads.slots if group.heads is not None else 0
+    if not n:
+        return None
+    if criterion == "random":
+        return (rng or np.random.default_rng(0)).random(n)
+    total = np.zeros(n)
+    for m in group.params:
+        if m.slot is None or m.role not in MAGNITUDE_ROLES:
+            continue
+        per_idx = _per_index(array_of(m.param), m.param_axis, "l2" if criterion == "l2" else "l1")
+        q = m.slot >= 0
+        total += np.bincount(m.slot[q], weights=per_idx[q], minlength=n)
+    return total

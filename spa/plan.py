@@ -15,15 +15,21 @@ PLAN_VERSION = 1
 
 @dataclass(frozen=True, slots=True)
 class GroupPlan:
-    """Keep channels ``keep`` (sorted group-channel indices) of the group named ``key``."""
+    """Keep channels ``keep`` (sorted group-channel indices) of the group named ``key``; for a
+    GQA heads group, ``slots`` also keeps only those query-head positions in every K/V group."""
 
     key: str
     size: int
     keep: tuple[int, ...]
+    slots: tuple[int, ...] | None = None
 
     @property
     def removed(self) -> int:
         return self.size - len(self.keep)
+
+    @property
+    def changes(self) -> bool:
+        return bool(self.removed) or self.slots is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,14 +39,15 @@ class Plan:
 
     @property
     def pruned_groups(self) -> tuple[GroupPlan, ...]:
-        return tuple(g for g in self.groups if g.removed)
+        return tuple(g for g in self.groups if g.changes)
 
     def to_dict(self) -> dict:
         return {
             "format": PLAN_FORMAT,
             "version": PLAN_VERSION,
             "meta": self.meta,
-            "groups": [{"key": g.key, "size": g.size, "keep": list(g.keep)} for g in self.groups],
+            "groups": [{"key": g.key, "size": g.size, "keep": list(g.keep)}
+                       | ({"slots": list(g.slots)} if g.slots is not None else {}) for g in self.groups],
         }
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
@@ -67,14 +74,24 @@ class Plan:
                 raise PlanError(f"plan group '{key}' keeps no channel; a group is never emptied")
             if len(set(keep)) != len(keep) or keep[0] < 0 or keep[-1] >= size:
                 raise PlanError(f"plan group '{key}' has keep indices outside 0..{size - 1} or repeated")
-            groups.append(GroupPlan(key, size, keep))
+            slots = g.get("slots")
+            if slots is not None:
+                try:
+                    slots = tuple(sorted(int(k) for k in slots))
+                except (TypeError, ValueError) as exc:
+                    raise PlanError(f"plan group '{key}' has malformed slots ({exc})") from exc
+                if not slots or len(set(slots)) != len(slots) or slots[0] < 0:
+                    raise PlanError(f"plan group '{key}': slots must be distinct, non-negative and not empty")
+            groups.append(GroupPlan(key, size, keep, slots))
         return cls(tuple(groups), dict(data.get("meta", {})))
 
     @classmethod
     def from_json(cls, source: str | os.PathLike) -> Plan:
-        path = Path(source)
         try:
-            text = path.read_text() if path.exists() else str(source)
+            if isinstance(source, str) and source.lstrip().startswith("{"):
+                text = source  # JSON text, not a path
+            else:
+                text = Path(source).read_text()
             data = json.loads(text)
         except (OSError, json.JSONDecodeError) as exc:
             raise PlanError(f"cannot read plan {source}: {exc}") from exc

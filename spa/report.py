@@ -35,7 +35,8 @@ def inspect_dict(dg: DependencyGraph) -> dict:
                 "exact": g.exact,
                 "kind": g.kind,
                 "heads": None if g.heads is None else {
-                    "q_heads": g.heads.q_heads, "kv_groups": g.heads.kv_groups, "head_dim": g.heads.head_dim},
+                    "q_heads": g.heads.q_heads, "kv_groups": g.heads.kv_groups, "head_dim": g.heads.head_dim,
+                    "slots": g.heads.slots},
                 "members": [
                     {"dim": str(m.dim), "size": m.size, "role": m.role, "node": m.node, "param": m.param}
                     for m in g.members

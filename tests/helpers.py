@@ -27,21 +27,23 @@ def feeds_for(model, overrides=None, seed=0):
     return runtime.random_feeds(runtime.session(proto), overrides, seed)
 
 
-def single_group_plan(dg, group: Group, keep) -> Plan:
-    return Plan(tuple(GroupPlan(g.key, g.size, tuple(sorted(keep)) if g.key == group.key else tuple(range(g.size)))
+def single_group_plan(dg, group: Group, keep, slots=None) -> Plan:
+    return Plan(tuple(GroupPlan(g.key, g.size, tuple(sorted(keep)), None if slots is None else tuple(sorted(slots)))
+                      if g.key == group.key else GroupPlan(g.key, g.size, tuple(range(g.size)))
                       for g in dg.groups))
 
 
-def masked_model(model: ir.Model, group: Group, keep) -> ir.Model:
+def masked_model(model: ir.Model, group: Group, keep, slots=None) -> ir.Model:
     """The original model with the consumers' input slices of removed channels zeroed."""
     masked = model.clone()
     keep = np.asarray(sorted(keep))
+    slots = None if slots is None else np.asarray(sorted(slots))
     for m in group.params:
         if m.role != "in":
             continue
         v = masked.graph.initializers[m.param]
         arr = v.const_value.numpy().copy()
-        removed = np.flatnonzero(~np.isin(m.channel, keep))
+        removed = np.setdiff1d(np.arange(m.size), m.kept_indices(keep, slots))
         index = [slice(None)] * arr.ndim
         index[m.param_axis] = removed
         arr[tuple(index)] = 0

@@ -129,6 +129,19 @@ def test_gqa_repeat_couples_each_kv_head_with_its_query_heads_and_rewrites_expan
     assert expand.inputs[1].const_value.numpy().tolist() == [2, 1, 2, 6, 4]
     reshape = next(n for n in pruned.graph if n.outputs[0].name == "kr")
     assert reshape.inputs[1].const_value.numpy().tolist() == [2, 2, 6, 4]
+    # Query heads within K/V groups: keep position 1 of each group (q heads 1 and 3).
+    assert g.heads.slots == 2
+    np.testing.assert_array_equal(q.slot, np.tile(np.repeat([0, 1], 4), 2))
+    loaded = spa.load(m)
+    within = spa.apply_plan(loaded, single_group_plan(dg, g, [0, 1], slots=[1]))
+    expand = next(n for n in within.graph if n.op_type == "Expand")
+    assert expand.inputs[1].const_value.numpy().tolist() == [2, 2, 1, 6, 4]
+    assert within.graph.initializers["wq"].shape == (16, 8) and within.graph.initializers["wk"].shape == (16, 8)
+    feeds = feeds_for(loaded)
+    from helpers import masked_model
+
+    np.testing.assert_allclose(run(within, feeds)[0], run(masked_model(loaded, g, [0, 1], [1]), feeds)[0],
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_fused_qkv_split_on_the_channel_axis():

@@ -181,7 +181,8 @@ def test_pruning_heads_halves_heads_in_every_layer(name):
 def test_inspect_reports_heads_per_layer():
     _, dg = graph("llama-gqa")
     text = inspect_text(dg)
-    assert "layer 0 attention: 8 q heads in 2 KV groups (4 q per KV head), head_dim 8" in text
+    assert "layer 0 attention: 8 q heads in 2 KV groups (4 q per KV head), head_dim 8; q heads prunable " \
+           "within groups" in text
     assert "layer 1 attention:" in text
     _, dg = graph("bert")
     assert "layer 0 attention: 4 heads, head_dim 16" in inspect_text(dg)
@@ -196,3 +197,67 @@ def test_einsum_attention(dynamo):
     dg = spa.dependency_graph(spa.load(proto))
     reasons = " ".join(b.reason for b in dg.blocked_groups)
     assert "contracted between two activations" in reasons  # Q·Kᵀ over head_dim is never cut
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "llama-gqa-eager", "qwen3-qk-norm"])
+def test_query_heads_pruned_within_kv_groups_equal_masking(name):
+    model, dg = graph(name)
+    feeds = feeds_for(model, {"batch": 2, "seq": 7})
+    for g in (g for g in dg.groups if g.kind == "heads"):
+        assert g.heads.slots == g.heads.q_per_group > 1
+        slots = [g.heads.slots - 1]  # keep only the last query head of every K/V group
+        pruned = spa.apply_plan(model, single_group_plan(dg, g, range(g.size), slots))
+        want = run(trm_masked(model, g, range(g.size), slots), feeds)
+        np.testing.assert_allclose(run(pruned, feeds)[0], want[0], atol=1e-4, rtol=1e-4)
+        q = next(m for m in g.params if m.param.endswith("q_proj.weight"))
+        assert pruned.graph.initializers[q.param].shape[0] == q.size // g.heads.slots
+
+
+def trm_masked(model, group, keep, slots):
+    from helpers import masked_model
+
+    return masked_model(model, group, keep, slots)
+
+
+def test_gqa_modes_prune_kv_groups_query_heads_or_both():
+    src = exported("llama-gqa")
+    q_only = spa.prune(src, 0.5, kinds=["heads"], gqa="q")
+    attn = "model.model.layers.0.self_attn"
+    inits = q_only.model.graph.initializers
+    assert inits[f"{attn}.q_proj.weight"].shape == (32, 64)  # 2 KV groups x 2 q heads x 8
+    assert inits[f"{attn}.k_proj.weight"].shape == (16, 64)  # every K/V head kept
+    assert q_only.plan.meta["gqa"] == "q"
+    assert all(gp.slots is not None and len(gp.slots) == 2 for gp in q_only.plan.pruned_groups)
+    again = spa.Plan.from_json(q_only.plan.to_json())  # slots survive the JSON round trip
+    assert [gp.slots for gp in again.groups] == [gp.slots for gp in q_only.plan.groups]
+    model = spa.load(src)
+    out = run(q_only.model, feeds_for(model, {"batch": 3, "seq": 5}))[0]
+    assert out.shape == (3, 5, 97)
+    with pytest.raises(spa.ArgumentError, match="gqa"):
+        spa.prune(src, 0.5, gqa="heads")
+
+
+def test_cli_inspect_and_prune_a_gqa_model(tmp_path, capsys):
+    import json
+
+    import onnx
+
+    from spa.cli import main
+
+    path = tmp_path / "llama.onnx"
+    onnx.save(exported("llama-gqa"), path)
+    assert main(["inspect", str(path), "--json", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert "layer 1 attention: 8 q heads in 2 KV groups (4 q per KV head), head_dim 8" in out
+    report = json.loads((tmp_path / "r.json").read_text())
+    heads = [g for g in report["groups"] if g["kind"] == "heads"]
+    assert [g["heads"] for g in heads] == [{"q_heads": 8, "kv_groups": 2, "head_dim": 8, "slots": 4}] * 2
+    small = tmp_path / "small.onnx"
+    assert main(["prune", str(path), "-o", str(small), "--ratio", "0.5", "--kinds", "heads,channels",
+                 "--gqa", "q", "--input-shape", "seq=9"]) == 0
+    pruned = spa.load(str(small))
+    assert pruned.graph.initializers["model.model.layers.1.self_attn.q_proj.weight"].shape == (32, 64)
+    assert pruned.graph.initializers["model.model.layers.1.mlp.up_proj.weight"].shape == (40, 64)
+    assert pruned.graph.initializers["model.model.embed_tokens.weight"].shape == (97, 64)  # hidden kept
+    assert main(["prune", str(path), "-o", str(small), "--ratio", "0.5", "--kinds", "heads,bogus"]) == 1
+    assert "unknown group kind(s) bogus" in capsys.readouterr().err

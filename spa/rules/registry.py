@@ -65,6 +65,7 @@ class Edge:
     map: IndexMap
     node: str
     op: str
+    repeat: bool = False  # a K/V repeat (GQA): query heads -> the K/V head they read
 
 
 @dataclass(slots=True)
@@ -97,6 +98,54 @@ def static_size(dim: Any) -> int | str | None:
     if isinstance(value, int):
         return value
     return value if isinstance(value, str) else None
+
+
+def current_operand(node, index: int, base: np.ndarray) -> np.ndarray:
+    """The operand as it stands now (an earlier fix-up may have rewritten other entries)."""
+    v = node.inputs[index] if index < len(node.inputs) else None
+    cur = v.const_value.numpy() if v is not None and v.const_value is not None else None
+    if cur is None or cur.shape != base.shape:
+        return base.copy()
+    return np.array(cur, dtype=np.int64)
+
+
+def shape_pieces(operand) -> list[tuple[Any, int, np.ndarray | None, int, int]] | None:
+    """Where the entries of a 1-D shape operand come from: ``(node, input index, constant
+    values or None, first entry, length)`` per piece. A constant operand is one piece (owner
+    None); a ``Concat`` of one-dimensional pieces (exports with dynamic axes) has one per input.
+    None when the entries cannot be placed."""
+    if operand is None:
+        return None
+    if operand.const_value is not None:
+        arr = operand.const_value.numpy().reshape(-1)
+        return [(None, -1, arr, 0, int(arr.size))]
+    prod = operand.producer()
+    if prod is None or prod.op_type != "Concat" or prod.domain not in ("", "ai.onnx"):
+        return None
+    pieces, off = [], 0
+    for k, piece in enumerate(prod.inputs):
+        n = static_size(piece.shape[0]) if piece is not None and piece.shape is not None \
+            and len(piece.shape) == 1 else None
+        if not isinstance(n, int):
+            return None
+        values = piece.const_value.numpy().reshape(-1) if piece.const_value is not None else None
+        pieces.append((prod, k, values, off, n))
+        off += n
+    return pieces
+
+
+def set_shape_entry(apply, node, index: int, position: int, value: int) -> bool:
+    """Rewrite entry ``position`` of the shape operand ``index`` of ``node`` (a constant, or a
+    constant piece of the Concat that computes it). False when that entry is not a literal."""
+    for owner, k, values, start, n in shape_pieces(node.inputs[index]) or []:
+        if values is None or not start <= position < start + n:
+            continue
+        target, slot = (node, index) if owner is None else (owner, k)
+        new = current_operand(target, slot, np.array(values, dtype=np.int64))
+        new[position - start] = value
+        apply.set_input_const(target, slot, new)
+        return True
+    return False
 
 
 class RuleContext:
@@ -171,7 +220,7 @@ class RuleContext:
         return default if a is None else a.value
 
     # ---- declaring ---------------------------------------------------------------------
-    def couple(self, a: Dim, b: Dim, imap: IndexMap = IDENTITY) -> None:
+    def couple(self, a: Dim, b: Dim, imap: IndexMap = IDENTITY, repeat: bool = False) -> None:
         """Tie dim ``a`` to dim ``b``: index i of ``a`` is index ``imap(i)`` of ``b``."""
         unknown = next((d for d in (a, b) if d.value in self._unknown), None)
         if unknown is not None:
@@ -179,7 +228,7 @@ class RuleContext:
                 if d.value not in self._unknown:
                     self.block(d, f"tied by {self.op} '{self.name}' to '{unknown.value}', whose shape is unknown")
             return
-        self._out.edges.append(Edge(a, b, imap, self.name, self.op))
+        self._out.edges.append(Edge(a, b, imap, self.name, self.op, repeat))
         self._out.mentioned.update((a, b))
 
     def block(self, d: Dim, reason: str) -> None:
@@ -226,7 +275,7 @@ class RuleContext:
         base = np.array(values, dtype=np.int64)
 
         def fix(apply) -> None:
-            new = base.copy()
+            new = current_operand(node, index, base)
             changed = False
             for k, d in entries:
                 if apply.is_pruned(d) and keep(int(base[k])):
@@ -250,26 +299,38 @@ class RuleContext:
         if target is not None:
             self.follow_sizes(index, target, entries, what, keep)
             return
-        prod = operand.producer() if operand is not None else None
-        if prod is None or prod.op_type != "Concat" or prod.domain not in ("", "ai.onnx"):
-            return  # computed otherwise: follows the tensors it is computed from
         wanted = dict(entries)
-        off = 0
         saved_node = self.node
-        for k, piece in enumerate(prod.inputs):
-            n = static_size(piece.shape[0]) if piece is not None and piece.shape is not None \
-                and len(piece.shape) == 1 else None
-            if not isinstance(n, int):
-                return  # cannot place the remaining entries
-            values = self.const(piece)
-            sub = [(i - off, wanted[i]) for i in range(off, off + n) if i in wanted]
-            if values is not None and sub:
-                self.node = prod
+        for owner, k, values, start, n in shape_pieces(operand) or []:
+            sub = [(i - start, wanted[i]) for i in range(start, start + n) if i in wanted]
+            if values is not None and sub:  # Shape-derived pieces follow the tensors by themselves
+                self.node = owner
                 try:
-                    self.follow_sizes(k, values.reshape(-1), sub, f"{what} (via {prod.name})", keep)
+                    self.follow_sizes(k, values, sub, f"{what} (via {owner.name})", keep)
                 finally:
                     self.node = saved_node
-            off += n
+
+    def repeat(self, merged: Dim, kv: Dim, rep: int, expand, axis: int) -> None:
+        """``merged`` (query heads) is ``kv`` (K/V heads) repeated ``rep`` times by ``expand``
+        along ``axis`` (GQA). The couplings are declared by the caller; this records the fix-up
+        that rewrites the repeat count when query heads are pruned within each K/V group."""
+        rep_value = expand.outputs[0]
+
+        def fix(apply) -> None:
+            if not apply.is_pruned(merged):
+                return
+            new_rep = apply.new_size(merged) // apply.new_size(kv)
+            if new_rep == rep:
+                return
+            n_target = static_size(expand.inputs[1].shape[0])
+            lead = len(rep_value.shape) - n_target
+            if not set_shape_entry(apply, expand, 1, axis - lead, new_rep):
+                raise ValueError(f"the repeat count of Expand '{expand.name}' is not a literal")
+            dims = list(rep_value.shape)
+            dims[axis] = new_rep
+            rep_value.shape = type(rep_value.shape)(dims)
+
+        self.fixup("K/V repeat", fix)
 
     def refuse(self, reason: str) -> None:
         raise RuleRefusal(reason)

@@ -85,6 +85,22 @@ def _fold_under_symbol(ctx: RuleContext, fine_v, j: int, coarse_v, i: int, ratio
     return True
 
 
+def _repeat_source(ctx: RuleContext, x, i: int, r: int):
+    """The Expand that made axis ``i + 1`` of ``x`` (size ``r``) by broadcasting a size-1 axis:
+    merging ``x[i]`` with it repeats each index of ``x[i]`` ``r`` times (GQA's K/V repeat)."""
+    shape = ctx.shape(x)
+    if r < 2 or i + 1 >= len(shape) or shape[i + 1] != r:
+        return None
+    prod = x.producer()
+    if prod is None or prod.op_type != "Expand" or prod.inputs[0] is None or prod.inputs[0].shape is None:
+        return None
+    src = ctx.shape(prod.inputs[0])
+    lead = len(shape) - len(src)
+    if i + 1 - lead < 0 or src[i + 1 - lead] != 1:
+        return None
+    return prod
+
+
 def couple_view(ctx: RuleContext, x, y) -> None:
     """Ties axes of a row-major view that share the flat range they span.
 
@@ -112,7 +128,10 @@ def couple_view(ctx: RuleContext, x, y) -> None:
             ctx.couple(ctx.dim(x, i), ctx.dim(y, j), IDENTITY)
         elif (r := xst.ratio(yst)) is not None:  # output axis is finer
             if not _fold_under_symbol(ctx, y, j, x, i, r):
-                ctx.couple(ctx.dim(y, j), ctx.dim(x, i), block(r))
+                expand = _repeat_source(ctx, x, i, r)
+                ctx.couple(ctx.dim(y, j), ctx.dim(x, i), block(r), repeat=expand is not None)
+                if expand is not None:
+                    ctx.repeat(ctx.dim(y, j), ctx.dim(x, i), r, expand, i + 1)
         elif (r := yst.ratio(xst)) is not None:  # input axis is finer
             if not _fold_under_symbol(ctx, x, i, y, j, r):
                 ctx.couple(ctx.dim(x, i), ctx.dim(y, j), block(r))

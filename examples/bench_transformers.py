@@ -9,7 +9,7 @@ Both are built with `transformers` from config objects (random init, nothing dow
 exported with the torch exporter (dynamo, SDPA attention, dynamic batch and sequence) and timed
 at batch 1, sequence 128. The residual stream (hidden size) is left whole (``kinds``).
 
-    python examples/bench_transformers.py [--models bert,llama] [--rounds 3] [--runs 10]
+    python examples/bench_transformers.py [--models bert,llama] [--gqa kv|q|both] [--rounds 3] [--runs 10]
 """
 
 from __future__ import annotations
@@ -89,7 +89,8 @@ def bench(name: str, workdir: str, args) -> list[list]:
     print(f"[{name}] {attention[0]} (x{len(attention)} layers)")
 
     t0 = time.perf_counter()
-    result = spa.prune(dense, args.ratio, kinds=["heads", "channels"], input_shapes={"batch": 1, "seq": SEQ})
+    result = spa.prune(dense, args.ratio, kinds=["heads", "channels"], gqa=args.gqa,
+                       input_shapes={"batch": 1, "seq": SEQ})
     prune_s = time.perf_counter() - t0
     pruned = result.model
     after = [g for g in spa.dependency_graph(pruned).groups if g.heads is not None]
@@ -120,6 +121,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="bert,llama")
     ap.add_argument("--ratio", type=float, default=0.5)
+    ap.add_argument("--gqa", default="kv", choices=("kv", "q", "both"), help="how GQA heads are pruned")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
     ap.add_argument("--runs", type=int, default=10, help="runs per round (median taken)")
     ap.add_argument("--threads", type=int, default=None)
@@ -128,7 +130,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as workdir:
         for name in args.models.split(","):
             rows += bench(name.strip(), workdir, args)
-    print(f"\nbatch 1, sequence {SEQ}; heads and FFN channels {args.ratio:.0%} removed; providers {runtime.providers()}")
+    print(f"\nbatch 1, sequence {SEQ}; heads (gqa={args.gqa}) and FFN channels {args.ratio:.0%} removed; "
+          f"providers {runtime.providers()}")
     print(table(["model", "metric", "dense", "pruned", "pruned/dense"], rows, "llrrr"))
 
 

@@ -34,11 +34,18 @@ class ApplyContext:
         return self._kept.get(d)
 
     def old_size(self, d: Dim) -> int:
-        return int(self.dg.sizes[d])
+        full = self.dg.full_sizes.get(d)
+        return full if isinstance(full, int) else int(self.dg.sizes[d])
 
     def new_size(self, d: Dim) -> int:
+        """New length of ``d``; a periodic axis (``batch*heads``) is its batch times the kept."""
         k = self._kept.get(d)
-        return self.old_size(d) if k is None else int(k.size)
+        if k is None:
+            return self.old_size(d)
+        full = self.dg.full_sizes.get(d)
+        if isinstance(full, int):
+            return full // self.dg.periodic[d] * int(k.size)
+        return int(k.size)
 
     def set_attr(self, node: ir.Node, name: str, value) -> None:
         node.attributes[name] = ir.convenience.convert_attribute(name, value)
@@ -58,11 +65,14 @@ class ApplyContext:
         node.replace_input_with(index, value)
 
 
-def _rescaled(entry, period: int):
-    """A periodic axis ``4*batch`` that keeps ``period`` channels becomes ``period*batch``."""
+def _rescaled(entry, old_period: int, period: int):
+    """A periodic axis ``4*batch`` that keeps ``period`` channels becomes ``period*batch``
+    (a static ``8`` = 2 x 4 becomes ``2*period``)."""
     from spa.rules.view import _factor
 
     text = getattr(entry, "value", entry)
+    if isinstance(text, int):
+        return text // old_period * period
     if not isinstance(text, str):
         return None
     syms = _factor(text).syms
@@ -146,5 +156,6 @@ class ApplyPlanPass(ir.passes.InPlacePass):
                 dims = list(v.shape)
                 for axis, idx in cuts:
                     d = Dim(name, axis)
-                    dims[axis] = _rescaled(dims[axis], int(idx.size)) if d in dg.periodic else int(idx.size)
+                    dims[axis] = _rescaled(dims[axis], dg.periodic[d], int(idx.size)) if d in dg.periodic \
+                        else int(idx.size)
                 v.shape = ir.Shape(dims)

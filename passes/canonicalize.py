@@ -34,7 +34,16 @@ class FoldConstantsPass(ir.passes.InPlacePass):
     """onnxscript's constant folding (shape arithmetic, Identity, Dropout in inference)."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        result = fold_constants(model, onnx_shape_inference=False, should_fold=_keep_weight_casts)
+        # A node the reference evaluator cannot fold (e.g. a mask built for another length) is
+        # left as it is; its warning is noise to a user, so it shows only with spa -v.
+        folding_log = logging.getLogger("onnxscript.optimizer._constant_folding")
+        level = folding_log.level
+        if not log.isEnabledFor(logging.DEBUG):
+            folding_log.setLevel(logging.ERROR)
+        try:
+            result = fold_constants(model, onnx_shape_inference=False, should_fold=_keep_weight_casts)
+        finally:
+            folding_log.setLevel(level)
         return ir.passes.PassResult(model, bool(result.modified))
 
 

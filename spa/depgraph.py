@@ -69,6 +69,7 @@ class DependencyGraph:
         self.edges: list[Edge] = []
         self.inexact: set[Dim] = set()
         self.periodic: dict[Dim, int] = {}
+        self.full_sizes: dict[Dim, int | str | None] = {}  # shape entries of periodic dims
         self.tags: dict[Dim, str] = {}
         self._barrier_dims: list[tuple[Barrier, list[Dim]]] = []
         self.order: dict[str, int] = {}
@@ -114,7 +115,7 @@ class DependencyGraph:
     def _spread_periods(self) -> None:
         """A periodic dim's period passes along identity ties to dims of the same symbolic size
         (Transpose, MatMul batch axes); each is then sized by its period."""
-        sym = {d: self.sizes.get(d) for d in self.periodic}
+        full = {d: self.sizes.get(d) for d in self.periodic}
         changed = True
         while changed:
             changed = False
@@ -122,11 +123,12 @@ class DependencyGraph:
                 if e.map.kind != "identity":
                     continue
                 for a, b in ((e.src, e.dst), (e.dst, e.src)):
-                    if a in self.periodic and b not in self.periodic and isinstance(sym[a], str) \
-                            and self.sizes.get(b) == sym[a]:
+                    if a in self.periodic and b not in self.periodic and full[a] is not None \
+                            and self.sizes.get(b) == full[a]:
                         self.periodic[b] = self.periodic[a]
-                        sym[b] = sym[a]
+                        full[b] = full[a]
                         changed = True
+        self.full_sizes = full
         for d, p in self.periodic.items():
             self.sizes[d] = p
 

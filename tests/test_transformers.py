@@ -261,3 +261,15 @@ def test_cli_inspect_and_prune_a_gqa_model(tmp_path, capsys):
     assert pruned.graph.initializers["model.model.embed_tokens.weight"].shape == (97, 64)  # hidden kept
     assert main(["prune", str(path), "-o", str(small), "--ratio", "0.5", "--kinds", "heads,bogus"]) == 1
     assert "unknown group kind(s) bogus" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("builder", [trm.bert, trm.llama], ids=["bert", "llama-gqa"])
+def test_static_shape_exports_keep_heads_prunable(builder):
+    """A static batch folds into the heads axis ([2, heads, s, d] -> [2*heads, s, d]) in SDPA."""
+    torch.manual_seed(0)
+    model, x = builder("sdpa")
+    proto = trm.export(model, x, dynamic=False)
+    groups = check_masked_equivalence(proto)
+    assert sum(g.kind == "heads" for g in groups) == 2
+    result = spa.prune(proto, 0.5, gqa="q" if builder is trm.llama else "kv")
+    assert result.verify_report.ran

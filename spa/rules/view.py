@@ -70,18 +70,27 @@ def _pure_symbol(size) -> bool:
 
 
 def _fold_under_symbol(ctx: RuleContext, fine_v, j: int, coarse_v, i: int, ratio: int) -> bool:
-    """``fine_v[j]`` (size ``n*ratio``) folds the dynamic axis ``coarse_v[i]`` over the static axes
+    """``fine_v[j]`` (size ``n*ratio``) folds a batch axis ``coarse_v[i]`` over the static axes
     after it (SDPA's ``[batch, heads, s, d] -> [heads*batch, s, d]``). Tie it periodically to
-    the first static axis, never to the dynamic one: batch is not a channel."""
+    the first static axis, never to the batch axis: batch is not a channel. The batch axis is
+    dynamic, or (static exports) the leading axis of both tensors, which is then blocked."""
     coarse_shape, fine_shape = ctx.shape(coarse_v), ctx.shape(fine_v)
-    if not _pure_symbol(coarse_shape[i]) or isinstance(fine_shape[j], int) or i + 1 >= len(coarse_shape):
+    if i + 1 >= len(coarse_shape):
+        return False
+    dynamic = _pure_symbol(coarse_shape[i]) and not isinstance(fine_shape[j], int)
+    static = (i == 0 and j == 0 and isinstance(coarse_shape[0], int) and coarse_shape[0] > 1
+              and isinstance(fine_shape[0], int) and len(coarse_shape) >= 3)
+    if not (dynamic or static):
         return False
     inner = coarse_shape[i + 1]
     if not isinstance(inner, int) or inner <= 1 or ratio % inner:
         return False
     ctx.periodic(ctx.dim(fine_v, j), ratio)
     ctx.couple(ctx.dim(fine_v, j), ctx.dim(coarse_v, i + 1), block(ratio // inner))
-    ctx.free(ctx.dim(coarse_v, i))
+    if dynamic:
+        ctx.free(ctx.dim(coarse_v, i))
+    else:
+        ctx.block(ctx.dim(coarse_v, i), f"batch axis folded with heads by Reshape '{ctx.name}'")
     return True
 
 

@@ -64,6 +64,25 @@ class ApplyContext:
             node.resize_inputs(index + 1)
         node.replace_input_with(index, value)
 
+    def private_producer(self, node: ir.Node, index: int) -> ir.Node | None:
+        """The node computing input ``index`` of ``node``, copied first when other nodes read
+        its output too (exporters share one shape computation among layers), so a rewrite
+        for ``node`` never changes what the others see."""
+        v = node.inputs[index] if index < len(node.inputs) else None
+        prod = v.producer() if v is not None else None
+        if prod is None or len(v.uses()) <= 1:
+            return prod
+        self._counter += 1
+        copy = ir.Node(prod.domain, prod.op_type, list(prod.inputs),
+                       attributes=list(prod.attributes.values()), num_outputs=len(prod.outputs),
+                       name=f"{prod.name}_spa_copy{self._counter}", version=prod.version)
+        for old, new in zip(prod.outputs, copy.outputs):
+            new.name = f"{old.name}_spa_copy{self._counter}"
+            new.shape, new.type = old.shape, old.type
+        self.model.graph.insert_before(node, copy)
+        node.replace_input_with(index, copy.outputs[list(prod.outputs).index(v)])
+        return copy
+
 
 def _rescaled(entry, old_period: int, period: int):
     """A periodic axis ``4*batch`` that keeps ``period`` channels becomes ``period*batch``

@@ -273,3 +273,15 @@ def test_static_shape_exports_keep_heads_prunable(builder):
     assert sum(g.kind == "heads" for g in groups) == 2
     result = spa.prune(proto, 0.5, gqa="q" if builder is trm.llama else "kv")
     assert result.verify_report.ran
+
+
+def test_optimized_export_with_shapes_shared_among_layers():
+    """The exporter's optimizer computes one Reshape/Expand target for all layers; pruning one
+    layer's heads gives that layer its own copy instead of changing the others'."""
+    torch.manual_seed(0)
+    model, x = trm.llama("sdpa")
+    proto = trm.export(model, x, optimize=True)
+    groups = check_masked_equivalence(proto, input_shapes={"batch": 2, "seq": 5})
+    assert [g.kind for g in groups].count("heads") == 2
+    result = spa.prune(proto, 0.5, gqa="q")
+    assert run(result.model, feeds_for(spa.load(proto), {"batch": 3, "seq": 4}))[0].shape == (3, 4, 97)

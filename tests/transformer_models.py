@@ -92,8 +92,10 @@ class EinsumAttention(nn.Module):
         return self.head(x)
 
 
-def export(model, x, dynamo=True, dynamic=True) -> onnx.ModelProto:
-    """Export with dynamic batch (and sequence, for token inputs); dynamo keeps parameter names."""
+def export(model, x, dynamo=True, dynamic=True, optimize=False) -> onnx.ModelProto:
+    """Export with dynamic batch (and sequence, for token inputs); dynamo with ``optimize=False``
+    keeps parameter names (the optimizer folds transposed weights into unnamed ones and shares
+    one shape computation among layers)."""
     wrapped = Logits(model.eval()) if hasattr(model, "config") else model.eval()
     tokens = x.dtype == torch.int64
     with warnings.catch_warnings():
@@ -105,7 +107,7 @@ def export(model, x, dynamo=True, dynamic=True) -> onnx.ModelProto:
                 if tokens:
                     axes[1] = torch.export.Dim("seq")
                 shapes = (axes,)
-            prog = torch.onnx.export(wrapped, (x,), dynamo=True, optimize=False, dynamic_shapes=shapes,
+            prog = torch.onnx.export(wrapped, (x,), dynamo=True, optimize=optimize, dynamic_shapes=shapes,
                                      input_names=["x"], verbose=False)
             return prog.model_proto
         f = io.BytesIO()

@@ -140,7 +140,7 @@ def set_shape_entry(apply, node, index: int, position: int, value: int) -> bool:
     for owner, k, values, start, n in shape_pieces(node.inputs[index]) or []:
         if values is None or not start <= position < start + n:
             continue
-        target, slot = (node, index) if owner is None else (owner, k)
+        target, slot = (node, index) if owner is None else (apply.private_producer(node, index), k)
         new = current_operand(target, slot, np.array(values, dtype=np.int64))
         new[position - start] = value
         apply.set_input_const(target, slot, new)
@@ -300,15 +300,28 @@ class RuleContext:
             self.follow_sizes(index, target, entries, what, keep)
             return
         wanted = dict(entries)
-        saved_node = self.node
-        for owner, k, values, start, n in shape_pieces(operand) or []:
+        plan = []
+        for _, k, values, start, n in shape_pieces(operand) or []:
             sub = [(i - start, wanted[i]) for i in range(start, start + n) if i in wanted]
             if values is not None and sub:  # Shape-derived pieces follow the tensors by themselves
-                self.node = owner
-                try:
-                    self.follow_sizes(k, values, sub, f"{what} (via {owner.name})", keep)
-                finally:
-                    self.node = saved_node
+                plan.append((k, np.array(values, dtype=np.int64), sub))
+        if not plan:
+            return
+        node = self.node
+
+        def fix(apply) -> None:
+            concat = None
+            for k, values, sub in plan:
+                changed = [(pos, d) for pos, d in sub if apply.is_pruned(d) and keep(int(values[pos]))]
+                if not changed:
+                    continue
+                concat = concat or apply.private_producer(node, index)
+                new = current_operand(concat, k, values)
+                for pos, d in changed:
+                    new[pos] = apply.new_size(d)
+                apply.set_input_const(concat, k, new)
+
+        self.fixup(f"{what} (computed)", fix)
 
     def repeat(self, merged: Dim, kv: Dim, rep: int, expand, axis: int) -> None:
         """``merged`` (query heads) is ``kv`` (K/V heads) repeated ``rep`` times by ``expand``

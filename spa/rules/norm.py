@@ -70,8 +70,11 @@ def _couple_trailing_params(ctx: RuleContext, x, axis: int, params) -> None:
         for k in range(rp):
             a = r - rp + k
             d = ctx.dim(p, k)
-            if a < axis or ctx.size(p, k) == 1:
-                ctx.free(d) if ctx.size(p, k) == 1 else ctx.block(d, f"{ctx.op} parameter spans a batch axis")
+            if ctx.size(p, k) == 1:
+                ctx.free(d)
+                continue
+            if a < axis:
+                ctx.block(d, f"{ctx.op} parameter spans a batch axis")
                 continue
             ctx.couple(d, ctx.dim(x, a))
             ctx.role(d, role)
@@ -114,8 +117,9 @@ def skip_layer_norm(ctx: RuleContext) -> None:
     x, skip = ctx.inp(0), ctx.inp(1)
     r = ctx.rank(x)
     couple_broadcast(ctx, [skip], x)
-    simplified = ctx.op.startswith("SkipSimplified")
-    params = [(ctx.inp(2), "scale")] + ([(ctx.inp(3), "bias")] if not simplified else []) + \
-             [(ctx.inp(3 if simplified else 4), "bias")]
+    if ctx.op.startswith("SkipSimplified"):  # (input, skip, gamma, bias)
+        params = [(ctx.inp(2), "scale"), (ctx.inp(3), "bias")]
+    else:  # (input, skip, gamma, beta, bias)
+        params = [(ctx.inp(2), "scale"), (ctx.inp(3), "bias"), (ctx.inp(4), "bias")]
     _normalize_over(ctx, x, r - 1, ctx.node.outputs)
     _couple_trailing_params(ctx, x, r - 1, params)

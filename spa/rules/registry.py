@@ -254,9 +254,9 @@ class RuleContext:
         self._out.tags.setdefault(d, tag)
 
     def periodic(self, d: Dim, period: int) -> None:
-        """``d`` has a symbolic size ``n * period`` whose index ``i`` is channel ``i % period``:
-        a static axis folded under a dynamic one (``[batch, heads, ...] -> [heads*batch, ...]``).
-        It is sized ``period`` in its group; identity ties carry the period on."""
+        """``d`` has size ``n * period`` whose index ``i`` is channel ``i % period``: a static
+        axis folded under the batch axis (``[batch, heads, ...] -> [heads*batch, ...]``). It is
+        sized ``period`` in its group; identity ties carry the period on."""
         self._out.periods[d] = int(period)
 
     def virtual(self, tag: str, size: int) -> Dim:

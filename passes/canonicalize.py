@@ -19,19 +19,39 @@ from spa.passes.symbolic_shapes import SymbolicShapesPass
 log = logging.getLogger("spa")
 
 
+#: Ops that only convert or lay out a weight. Their output keeps the weight's values, and the
+#: dependency graph sees through them to the parameter name (``param_ref``).
+WEIGHT_VIEW_OPS = frozenset({"Cast", "Identity", "Transpose", "Unsqueeze", "Squeeze", "Reshape", "Flatten"})
+
+
 def _keep_weight_casts(node: ir.Node) -> bool | None:
-    """Never fold Cast/Identity/Transpose of an initializer: folding would store a converted copy
-    of the weight (fp16 -> fp32 doubles it) under a new name, losing the parameter's name that
-    group keys and the torch frontend rely on. Rules see through them instead; onnxruntime
-    folds them when it loads the model."""
-    if node.op_type in ("Cast", "Identity", "Transpose") and node.inputs and node.inputs[0] is not None \
-            and node.inputs[0].is_initializer():
-        return False
+    """Never fold a cast or layout op of an initializer (Cast, Transpose, Unsqueeze, Reshape,
+    ...): folding would store a converted copy of the weight (fp16 -> fp32 doubles it) under a
+    new name, losing the parameter's name that group keys and the torch frontend rely on. Rules
+    see through them instead; onnxruntime folds them when it loads the model."""
+    x = node.inputs[0] if node.op_type in WEIGHT_VIEW_OPS and node.inputs else None
+    if x is not None and x.is_initializer() and x.dtype is not None and x.dtype.is_floating_point():
+        return False  # integer constants (shape arithmetic) still fold
     return None
 
 
 class FoldConstantsPass(ir.passes.InPlacePass):
-    """onnxscript's constant folding (shape arithmetic, Identity, Dropout in inference)."""
+    """onnxscript's constant folding (shape arithmetic, Identity, Dropout in inference).
+
+    ``params``: names of the model's own (floating-point) initializers, its parameters. A node
+    that reads one is never folded: folding would bake the parameter into a new, unnamed
+    constant (BERT's token-type embedding gathered at constant indices, a class token expanded
+    to a static batch), and the parameter could not be traced or mapped back by name.
+    """
+
+    def __init__(self, params: frozenset[str] = frozenset()):
+        super().__init__()
+        self.params = params
+
+    def _should_fold(self, node: ir.Node) -> bool | None:
+        if any(v is not None and v.name in self.params for v in node.inputs):
+            return False
+        return _keep_weight_casts(node)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         # A node the reference evaluator cannot fold (e.g. a mask built for another length) is
@@ -41,7 +61,7 @@ class FoldConstantsPass(ir.passes.InPlacePass):
         if not log.isEnabledFor(logging.DEBUG):
             folding_log.setLevel(logging.ERROR)
         try:
-            result = fold_constants(model, onnx_shape_inference=False, should_fold=_keep_weight_casts)
+            result = fold_constants(model, onnx_shape_inference=False, should_fold=self._should_fold)
         finally:
             folding_log.setLevel(level)
         return ir.passes.PassResult(model, bool(result.modified))
@@ -82,12 +102,15 @@ class CanonicalizePass(ir.passes.InPlacePass):
     """Runs the canonicalization sequence in place."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        params = frozenset(name for name, v in model.graph.initializers.items()
+                           if v.dtype is not None and v.dtype.is_floating_point())
+        params |= frozenset(v.name for v in model.graph.inputs if v.name in model.graph.initializers)
         seq = ir.passes.Sequential(
             common.NameFixPass(),
             common.RemoveInitializersFromInputsPass(),
             common.InlinePass(),
             common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
-            FoldConstantsPass(),
+            FoldConstantsPass(params),
             common.IdentityEliminationPass(),
             common.RemoveUnusedNodesPass(),
             common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),

@@ -28,13 +28,21 @@ def score_groups(
     reduction: str = "mean",
     normalization: str = "mean",
     seed: int = 0,
+    arrays: dict | None = None,
 ) -> Scores:
+    """``arrays`` (gradient criteria) replaces each parameter's values by its per-element
+    importance; a parameter without one (a buffer) contributes zero."""
     rng = np.random.default_rng(seed)
     cache: dict[str, np.ndarray] = {}
 
     def array_of(name: str) -> np.ndarray:
         if name not in cache:
-            cache[name] = dg.values[name].const_value.numpy()
+            weights = dg.values[name].const_value.numpy()
+            if arrays is None:
+                cache[name] = weights
+            else:
+                imp = arrays.get(name)
+                cache[name] = np.zeros(weights.shape) if imp is None else np.asarray(imp).reshape(weights.shape)
         return cache[name]
 
     by_key = {g.key: group_scores(g, array_of, criterion, reduction, normalization, rng) for g in dg.groups}

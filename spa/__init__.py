@@ -15,7 +15,17 @@ or step by step::
 
 from __future__ import annotations
 
-from spa.api import PruneResult, apply_plan, dependency_graph, load, make_plan, prune, save, score
+from spa.api import (
+    PruneResult,
+    apply_plan,
+    dependency_graph,
+    export_plan,
+    load,
+    make_plan,
+    prune,
+    save,
+    score,
+)
 from spa.depgraph import Barrier, DependencyGraph
 from spa.dims import Dim, IndexMap
 from spa.errors import (
@@ -34,6 +44,6 @@ __version__ = "0.1.0"
 __all__ = [
     "ArgumentError", "Barrier", "BlockedGroup", "DependencyGraph", "Dim", "FrontendError", "Group",
     "GroupPlan", "IndexMap", "Member", "Plan", "PlanError", "PruneResult", "SpaError",
-    "UnsupportedModelError", "ValidationError", "apply_plan", "dependency_graph", "load",
+    "UnsupportedModelError", "ValidationError", "apply_plan", "dependency_graph", "export_plan", "load",
     "make_plan", "prune", "save", "score",
 ]

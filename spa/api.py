@@ -41,11 +41,12 @@ def dependency_graph(model: ir.Model) -> DependencyGraph:
 
 
 def score(dg: DependencyGraph, criterion: str = "l1", reduction: str = "mean",
-          normalization: str = "mean", seed: int = 0):
-    """Channel scores of every group (see ``spa.importance``)."""
+          normalization: str = "mean", seed: int = 0, arrays: dict | None = None):
+    """Channel scores of every group (see ``spa.importance``). ``arrays`` maps parameter names
+    to per-element importance (gradient criteria; see ``spa.frontends.gradients``)."""
     from spa.passes.score import score_groups
 
-    return score_groups(dg, criterion, reduction, normalization, seed)
+    return score_groups(dg, criterion, reduction, normalization, seed, arrays=arrays)
 
 
 def make_plan(dg: DependencyGraph, scores, ratio: float, global_pruning: bool = False,
@@ -69,9 +70,17 @@ def _apply(model: ir.Model, plan: Plan) -> ir.Model:
     return out
 
 
-def apply_plan(model: ir.Model, plan: Plan, verify: bool = True, input_shapes: dict | None = None,
-               progress: Progress = SILENT) -> ir.Model:
-    """A pruned copy of ``model``; verified unless ``verify=False`` (raises ValidationError)."""
+def apply_plan(model, plan: Plan, verify: bool = True, input_shapes: dict | None = None,
+               progress: Progress = SILENT, example_inputs=None):
+    """A pruned copy of ``model``; verified unless ``verify=False`` (raises ValidationError).
+
+    ``model`` is a loaded ONNX model, or an ``nn.Module`` (then ``example_inputs`` are needed
+    to trace it, and a pruned module of the same classes is returned): one plan prunes both.
+    """
+    from spa.frontends.torch import is_module
+
+    if is_module(model):
+        return _apply_to_module(model, plan, example_inputs, verify, progress)
     with progress.step(f"applying plan ({len(plan.pruned_groups)} groups pruned)"):
         out = _apply(model, plan)
     if verify:
@@ -99,6 +108,68 @@ def _verify_or_blame(out: ir.Model, reference: ir.Model, plan: Plan, input_shape
         raise
 
 
+def _apply_to_module(module, plan: Plan, example_inputs, verify: bool, progress: Progress):
+    from spa.frontends import torch as tf
+
+    with progress.step("exporting the module (torch dynamo exporter)"):
+        proto = tf.export(module, example_inputs)
+    with progress.step("loading and discovering groups"):
+        loaded = load(proto)
+        dg = dependency_graph(loaded)
+    with progress.step("slicing the module"):
+        pruned = tf.slice_module(module, dg, plan, {i.name for i in proto.graph.initializer})
+    if verify:
+        with progress.step("verifying the module against the pruned ONNX model"):
+            _check_module(pruned, apply_plan(loaded, plan, verify=False), example_inputs)
+    return pruned
+
+
+def _check_module(pruned_module, pruned_onnx: ir.Model, example_inputs, atol: float = 1e-4) -> None:
+    """The pruned module runs and gives the outputs of the ONNX model pruned with the same plan."""
+    import numpy as np
+
+    from spa import runtime
+    from spa.frontends import torch as tf
+    from spa.io import to_proto
+
+    try:
+        got = tf.module_outputs(pruned_module, example_inputs)
+    except Exception as exc:  # noqa: BLE001 - any eager failure means a wrong attribute update
+        raise ValidationError(
+            f"the pruned module does not run in eager mode: {exc}. A size written as a literal in forward() "
+            "(torch.split sizes, a view shape) cannot follow pruning: compute it from tensor shapes, or keep "
+            "the group whole with protect=[...]") from exc
+    sess = runtime.session(to_proto(pruned_onnx), optimize=False)
+    feeds = {i.name: a.detach().cpu().numpy() for i, a in zip(sess.get_inputs(), tf.as_args(example_inputs))}
+    want = sess.run(None, feeds)
+    for k, (w, g) in enumerate(zip(want, got)):
+        if w.shape != g.shape or not np.allclose(w, g, atol=atol, rtol=1e-3):
+            diff = float(np.max(np.abs(w - g))) if w.shape == g.shape else f"shape {g.shape} vs {w.shape}"
+            raise ValidationError(f"output {k} of the pruned module differs from the pruned ONNX model ({diff})")
+
+
+def _blame_module_group(module, loaded, dg, plan: Plan, example_inputs, exported, exc) -> ValidationError:
+    """The first group whose pruning alone breaks the module, named in the error."""
+    from spa.frontends import torch as tf
+
+    for gp in plan.pruned_groups:
+        single = Plan(tuple(g if g.key == gp.key else GroupPlan(g.key, g.size, tuple(range(g.size)))
+                            for g in plan.groups))
+        try:
+            _check_module(tf.slice_module(module, dg, single, exported), _apply(loaded, single), example_inputs)
+        except ValidationError as one:
+            return ValidationError(f"pruning group '{gp.key}' breaks the module: {one} "
+                                   f"(protect=['{gp.key.rsplit(':', 1)[0]}'] keeps it whole)")
+    return exc
+
+
+def export_plan(plan: Plan, path: str | os.PathLike) -> Path:
+    """Write ``plan`` as JSON (atomically): ``spa apply`` / ``spa.apply_plan`` read it back for
+    the ONNX file or the module."""
+    plan.to_json(path)
+    return Path(path)
+
+
 def save(model: ir.Model, path: str | os.PathLike) -> Path:
     """Write a model atomically."""
     from spa.io import save as save_model
@@ -116,6 +187,7 @@ class PruneResult:
     verify_report: object = None
     saved_to: Path | None = None
     notes: list = field(default_factory=list)
+    module: object = None  # the pruned nn.Module when an nn.Module was pruned
 
     @property
     def proto(self) -> onnx.ModelProto:
@@ -128,6 +200,7 @@ class PruneResult:
 
 def prune(
     model,
+    example_inputs=None,
     ratio: float = 0.5,
     *,
     criterion: str = "l1",
@@ -145,8 +218,19 @@ def prune(
     run: bool = True,
     input_shapes: dict | None = None,
     progress: Progress = SILENT,
+    data=None,
+    loss_fn=None,
 ) -> PruneResult:
-    """Prune ``model`` (a path, bytes, onnx.ModelProto or onnx_ir.Model).
+    """Prune ``model`` (a path, bytes, onnx.ModelProto, onnx_ir.Model or torch ``nn.Module``).
+
+    A module is traced with ``example_inputs`` (a tensor or tuple) through the torch exporter;
+    ``result.module`` is then the pruned module (same classes, sliced parameters and buffers,
+    updated attributes), checked against the pruned ONNX model. For ONNX inputs the second
+    argument may be the ratio (``spa.prune("m.onnx", 0.3)``).
+
+    Gradient criteria (``taylor``, ``snip``, ``grasp``) need a module and ``data``: an iterable
+    of batches; ``loss_fn(module, batch)`` gives the loss (default: cross-entropy of
+    ``module(x)`` against ``y`` for ``(x, y)`` batches).
 
     ``ratio`` is the fraction of channels removed from every group (or from all groups
     together with ``global_pruning``). Returns a :class:`PruneResult`; with ``output`` the
@@ -157,9 +241,22 @@ def prune(
     (``kv``, ``q``, ``both``) says whether GQA heads groups lose whole K/V groups, query heads
     within every K/V group, or both.
     """
+    from spa.frontends.torch import is_module
+    from spa.importance import GRADIENT_CRITERIA
+
+    if isinstance(example_inputs, (int, float)) and not isinstance(example_inputs, bool):
+        ratio, example_inputs = float(example_inputs), None
     if (output is not None and isinstance(model, (str, os.PathLike))
             and Path(output).resolve() == Path(model).resolve()):
         raise ArgumentError("the output path is the input model; SPA never overwrites its input")
+    module = model if is_module(model) else None
+    if criterion in GRADIENT_CRITERIA and module is None:
+        raise ArgumentError(f"criterion '{criterion}' needs gradients: pass the nn.Module (and data), not an ONNX model")
+    if module is not None:
+        from spa.frontends import torch as tf
+
+        with progress.step("exporting the module (torch dynamo exporter)"):
+            model = tf.export(module, example_inputs)
     with progress.step("loading and canonicalizing"):
         loaded = load(model)
     with progress.step("discovering groups"):
@@ -167,7 +264,12 @@ def prune(
         groups = dg.groups
     progress.note(f"{len(groups)} prunable groups, {len(dg.blocked_groups)} blocked")
     with progress.step(f"scoring ({criterion})"):
-        scores = score(dg, criterion, reduction, normalization, seed)
+        arrays = None
+        if criterion in GRADIENT_CRITERIA:
+            from spa.frontends.gradients import gradient_importance
+
+            arrays = gradient_importance(module, criterion, data, loss_fn)
+        scores = score(dg, criterion, reduction, normalization, seed, arrays=arrays)
     plan = make_plan(dg, scores, ratio, global_pruning, round_to, protect, kinds, gqa)
     plan = Plan(plan.groups, {**plan.meta, "reduction": reduction, "normalization": normalization, "seed": seed})
     pruned = apply_plan(loaded, plan, verify=False, progress=progress)
@@ -177,6 +279,16 @@ def prune(
         with progress.step(f"verifying ({what})"):
             result.verify_report = _verify_or_blame(pruned, loaded, plan, input_shapes, run)
             result.notes.extend(result.verify_report.notes)
+    if module is not None:
+        exported = {i.name for i in model.graph.initializer}
+        with progress.step("slicing the module"):
+            result.module = tf.slice_module(module, dg, plan, exported)
+        if verify:
+            with progress.step("verifying the module against the pruned ONNX model"):
+                try:
+                    _check_module(result.module, pruned, example_inputs)
+                except ValidationError as exc:
+                    raise _blame_module_group(module, loaded, dg, plan, example_inputs, exported, exc) from exc
     if plan_out is not None:
         plan.to_json(plan_out)
     if output is not None:

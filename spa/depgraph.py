@@ -21,7 +21,9 @@ from spa.rules.registry import static_size
 
 log = logging.getLogger("spa")
 
-_PASSTHROUGH_PARAM_OPS = frozenset({"Identity", "Cast", "Dropout", "Transpose"})
+_PASSTHROUGH_PARAM_OPS = frozenset({"Identity", "Cast", "Dropout", "Transpose", "Unsqueeze", "Squeeze",
+                                    "Reshape", "Flatten"})
+_VIEW_PARAM_OPS = frozenset({"Unsqueeze", "Squeeze", "Reshape", "Flatten"})
 _GRAPH_ATTRS = (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
 
 
@@ -33,6 +35,21 @@ class Barrier:
     op: str
     domain: str
     reason: str
+
+
+def _view_source_axis(src, dst, axis: int) -> int | None:
+    """Axis of ``src`` that axis ``axis`` of the view ``dst`` indexes, when both have the same
+    non-1 axes in the same order (a weight unsqueezed, squeezed or reshaped to broadcast)."""
+    if src.shape is None or dst.shape is None:
+        return None
+    s = [(a, static_size(d)) for a, d in enumerate(src.shape) if static_size(d) != 1]
+    t = [(a, static_size(d)) for a, d in enumerate(dst.shape) if static_size(d) != 1]
+    if len(s) != len(t) or any(not isinstance(x[1], int) or x[1] != y[1] for x, y in zip(s, t)):
+        return None
+    for (sa, _), (ta, _) in zip(s, t):
+        if ta == axis:
+            return sa
+    return None
 
 
 def _label_components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -222,7 +239,11 @@ class DependencyGraph:
             prod = v.producer()
             if prod is None or prod.op_type not in _PASSTHROUGH_PARAM_OPS or not prod.inputs:
                 return None
-            if prod.op_type == "Transpose":
+            if prod.op_type in _VIEW_PARAM_OPS:
+                axis = _view_source_axis(prod.inputs[0], v, axis)
+                if axis is None:
+                    return None
+            elif prod.op_type == "Transpose":
                 perm = prod.attributes.get("perm")
                 src = prod.inputs[0]
                 rank = len(src.shape) if src.shape is not None else None

@@ -9,7 +9,10 @@ import numpy as np
 from spa.errors import ArgumentError
 from spa.groups import MAGNITUDE_ROLES, Group
 
-CRITERIA = ("l1", "l2", "random", "bn")
+#: Criteria computed with autograd on an nn.Module (``spa.frontends.gradients``): their arrays
+#: are per-element importances already, summed (signed) per channel.
+GRADIENT_CRITERIA = ("taylor", "snip", "grasp")
+CRITERIA = ("l1", "l2", "random", "bn") + GRADIENT_CRITERIA
 REDUCTIONS = ("mean", "sum", "max")
 NORMALIZATIONS = ("none", "mean", "max")
 
@@ -24,6 +27,8 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
 
 def _per_index(arr: np.ndarray, axis: int, criterion: str) -> np.ndarray:
     flat = np.moveaxis(np.asarray(arr, dtype=np.float64), axis, 0).reshape(arr.shape[axis], -1)
+    if criterion in GRADIENT_CRITERIA:
+        return flat.sum(axis=1)
     if criterion == "l2":
         return np.square(flat).sum(axis=1)
     return np.abs(flat).sum(axis=1)
@@ -94,7 +99,8 @@ def slot_scores(group: Group, array_of: ArrayOf, criterion: str = "l1",
     for m in group.params:
         if m.slot is None or m.role not in MAGNITUDE_ROLES:
             continue
-        per_idx = _per_index(array_of(m.param), m.param_axis, "l2" if criterion == "l2" else "l1")
+        per_idx = _per_index(array_of(m.param), m.param_axis, criterion if criterion in GRADIENT_CRITERIA or
+                             criterion == "l2" else "l1")
         q = m.slot >= 0
         total += np.bincount(m.slot[q], weights=per_idx[q], minlength=n)
     return total

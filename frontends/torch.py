@@ -1,0 +1,273 @@
+"""PyTorch frontend: an ``nn.Module`` is lowered through the torch ONNX exporter (dynamo,
+``optimize=False``, so initializers keep their parameter names), analysed and planned like any
+ONNX model, and the plan is applied back to a copy of the module: parameters and buffers are
+sliced by name along the axes the groups name, and the attributes that describe shapes are
+updated so the module runs in eager mode and exports again.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from collections import defaultdict
+
+import numpy as np
+
+from spa.errors import FrontendError, PlanError, UnsupportedModelError
+
+log = logging.getLogger("spa")
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError as exc:  # pragma: no cover - torch is an optional dependency
+        raise FrontendError("pruning an nn.Module needs torch: pip install 'spa[torch]'") from exc
+    return torch
+
+
+def is_module(obj) -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return isinstance(obj, torch.nn.Module)
+
+
+def as_args(example_inputs) -> tuple:
+    torch = _torch()
+    if example_inputs is None:
+        raise FrontendError("pruning an nn.Module needs example_inputs (a tensor or a tuple of tensors) to "
+                            "trace it; pass spa.prune(module, example_inputs, ratio=...)")
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    if isinstance(example_inputs, tuple):
+        return example_inputs
+    raise FrontendError(f"example_inputs must be a tensor or a tuple of tensors, not {type(example_inputs).__name__}")
+
+
+def export(module, example_inputs, dynamic_shapes=None):
+    """The module as an ONNX ModelProto (dynamo exporter, parameter names kept).
+
+    Outputs that are not tensors (a `transformers` ModelOutput) are flattened by the exporter.
+    Raises FrontendError with the exporter's reason and what to try when it cannot export.
+    """
+    torch = _torch()
+    args = as_args(example_inputs)
+    was_training = module.training
+    module.eval()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+            prog = torch.onnx.export(module, args, dynamo=True, optimize=False, dynamic_shapes=dynamic_shapes,
+                                     verbose=False, report=False)
+    except Exception as exc:  # noqa: BLE001 - every exporter failure gets the same advice
+        reason = str(exc).strip().splitlines()
+        reason = reason[0] if reason else type(exc).__name__
+        raise FrontendError(
+            f"the torch exporter cannot export {type(module).__name__}: {reason}. Try: make forward() "
+            "take and return tensors; avoid data-dependent Python control flow on tensor values; "
+            "check that example_inputs run through module(*example_inputs); or export to ONNX "
+            "yourself (torch.onnx.export(..., dynamo=True, optimize=False)) and prune the file"
+        ) from exc
+    finally:
+        module.train(was_training)
+    return prog.model_proto
+
+
+def _kept_cuts(dg, plan) -> dict[str, list[tuple[int, np.ndarray]]]:
+    """Per initializer: the (axis, kept indices) the plan cuts, read off the group members
+    that are initializers themselves (the names are the module's parameter names)."""
+    groups = {g.key: g for g in dg.groups}
+    cuts: dict[str, list[tuple[int, np.ndarray]]] = defaultdict(list)
+    for gp in plan.groups:
+        group = groups.get(gp.key)
+        if group is None:
+            raise PlanError(f"plan group '{gp.key}' is not a group of this module; was the plan made for "
+                            "another model?")
+        if group.size != gp.size:
+            raise PlanError(f"plan group '{gp.key}' has {gp.size} channels, the module's has {group.size}")
+        if not gp.changes:
+            continue
+        keep = np.asarray(gp.keep, dtype=np.int64)
+        slots = None if gp.slots is None else np.asarray(gp.slots, dtype=np.int64)
+        for m in group.members:
+            v = dg.values.get(m.dim.value)
+            if m.dim.virtual or v is None or v.const_value is None:
+                continue
+            kept = m.kept_indices(keep, slots)
+            if kept.size != m.size:
+                cuts[m.dim.value].append((m.dim.axis, kept))
+    return cuts
+
+
+def _tensor_slots(module) -> dict[str, tuple[object, str]]:
+    """Parameter and buffer names -> (owning module, attribute name)."""
+    out = {}
+    for prefix, mod in module.named_modules(remove_duplicate=False):
+        for name, _ in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+            out[f"{prefix}.{name}" if prefix else name] = (mod, name)
+    return out
+
+
+def slice_module(module, dg, plan, exported: set[str] | None = None):
+    """A copy of ``module`` with the plan applied to its parameters and buffers (tied tensors
+    stay tied) and shape attributes updated. ``dg`` is the dependency graph of its export;
+    ``exported`` the export's initializer names (its parameters and buffers). Other constants
+    the trace made (the zero bias of a Conv without one) have no tensor in the module."""
+    torch = _torch()
+    pruned = copy.deepcopy(module)
+    cuts = _kept_cuts(dg, plan)
+    owners = _tensor_slots(pruned)
+    if exported is not None:
+        cuts = {name: c for name, c in cuts.items() if name in exported or name in owners}
+    missing = [name for name in cuts if name not in owners]
+    if missing:
+        raise UnsupportedModelError(
+            f"initializer(s) {', '.join(sorted(missing)[:5])} of the export cannot be mapped back to a parameter or "
+            "buffer of the module (the exporter renamed or folded them); keep their groups whole with protect=[...]"
+        )
+    replaced: dict[int, object] = {}  # id of the old tensor -> new tensor (tied parameters)
+    for name, axis_cuts in cuts.items():
+        mod, attr = owners[name]
+        old = getattr(mod, attr)
+        if id(old) in replaced:
+            continue
+        data = old.detach()
+        for axis, kept in axis_cuts:
+            data = torch.index_select(data, axis, torch.as_tensor(kept, dtype=torch.long, device=data.device))
+        data = data.contiguous().clone()
+        new = torch.nn.Parameter(data, requires_grad=old.requires_grad) if isinstance(old, torch.nn.Parameter) else data
+        replaced[id(old)] = new
+    for _, (mod, attr) in owners.items():
+        old = getattr(mod, attr)
+        if old is not None and id(old) in replaced:
+            if isinstance(old, torch.nn.Parameter):
+                setattr(mod, attr, replaced[id(old)])
+            else:
+                mod._buffers[attr] = replaced[id(old)]
+    _update_attributes(pruned, module)
+    _update_heads(pruned, dg, plan)
+    return pruned
+
+
+def _update_attributes(pruned, original) -> None:
+    """Shape attributes of standard layers follow their (sliced) weights."""
+    torch = _torch()
+    nn = torch.nn
+    before = dict(original.named_modules())
+    for name, mod in pruned.named_modules():
+        old = before.get(name)
+        if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            per_group_out = old.out_channels // old.groups
+            mod.out_channels = mod.weight.shape[0]
+            mod.groups = max(1, mod.out_channels // per_group_out) if old.groups > 1 else 1
+            mod.in_channels = mod.weight.shape[1] * mod.groups
+        elif isinstance(mod, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+            per_group_in = old.in_channels // old.groups
+            mod.in_channels = mod.weight.shape[0]
+            mod.groups = max(1, mod.in_channels // per_group_in) if old.groups > 1 else 1
+            mod.out_channels = mod.weight.shape[1] * mod.groups
+        elif isinstance(mod, nn.Linear):
+            mod.out_features, mod.in_features = mod.weight.shape
+        elif isinstance(mod, nn.modules.batchnorm._NormBase):
+            ref = mod.weight if mod.weight is not None else mod.running_mean
+            if ref is not None:
+                mod.num_features = ref.shape[0]
+        elif isinstance(mod, nn.GroupNorm):
+            if mod.weight is not None:
+                per_group = old.num_channels // old.num_groups
+                mod.num_channels = mod.weight.shape[0]
+                mod.num_groups = mod.num_channels // per_group
+        elif isinstance(mod, nn.LayerNorm):
+            if mod.weight is not None:
+                mod.normalized_shape = tuple(mod.weight.shape)
+        elif isinstance(mod, nn.PReLU):
+            mod.num_parameters = mod.weight.numel()
+        elif isinstance(mod, nn.Embedding):
+            mod.num_embeddings, mod.embedding_dim = mod.weight.shape
+        elif type(mod).__name__ == "Conv1D" and hasattr(mod, "nf"):  # transformers' GPT-2 Conv1D
+            mod.nf = mod.weight.shape[1]
+        elif hasattr(mod, "normalized_shape") and getattr(mod, "weight", None) is not None:
+            mod.normalized_shape = tuple(mod.weight.shape)
+
+
+_HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
+_KV_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
+
+
+def _common_module(names) -> str:
+    parts = [n.split(".")[:-1] for n in names]
+    prefix = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        prefix.append(level[0])
+    return ".".join(prefix)
+
+
+def _update_heads(pruned, dg, plan) -> None:
+    """Head counts on attention modules (and on ``config`` where every layer agrees)."""
+    groups = {g.key: g for g in dg.groups}
+    counts = []
+    modules = dict(pruned.named_modules())
+    for gp in plan.groups:
+        g = groups.get(gp.key)
+        if g is None or g.heads is None:
+            continue
+        info = g.heads
+        rep = info.q_per_group or 1
+        new_rep = len(gp.slots) if gp.slots is not None else rep
+        kv, q = len(gp.keep), len(gp.keep) * new_rep
+        counts.append((q, kv if rep > 1 else q))
+        owner = modules.get(_common_module([m.param for m in g.params if m.param]))
+        if owner is None or not gp.changes:
+            continue
+        for attr in _HEAD_ATTRS:
+            if isinstance(getattr(owner, attr, None), int):
+                setattr(owner, attr, q)
+        for attr in _KV_ATTRS:
+            if isinstance(getattr(owner, attr, None), int):
+                setattr(owner, attr, kv)
+        if isinstance(getattr(owner, "num_key_value_groups", None), int):
+            owner.num_key_value_groups = new_rep
+        dim = getattr(owner, "head_dim", None) or getattr(owner, "attention_head_size", None)
+        if isinstance(dim, int):
+            for attr in ("all_head_size", "split_size"):
+                if isinstance(getattr(owner, attr, None), int):
+                    setattr(owner, attr, q * dim)
+    config = getattr(pruned, "config", None)
+    if config is None or not counts:
+        return
+    if len(set(counts)) == 1:
+        q, kv = counts[0]
+        for attr, value in (("num_attention_heads", q), ("num_key_value_heads", kv), ("n_head", q)):
+            if isinstance(getattr(config, attr, None), int):
+                setattr(config, attr, value)
+    else:
+        log.info("layers keep different head counts %s; model.config keeps the original ones", counts)
+
+
+def module_outputs(module, example_inputs) -> list[np.ndarray]:
+    """The module's outputs on ``example_inputs`` as numpy arrays (flattened like the export)."""
+    torch = _torch()
+    with torch.no_grad():
+        out = module(*as_args(example_inputs))
+    flat = []
+
+    def walk(o):
+        if isinstance(o, torch.Tensor):
+            flat.append(o.detach().cpu().numpy())
+        elif isinstance(o, dict) or hasattr(o, "to_tuple"):
+            for v in (o.values() if isinstance(o, dict) else o.to_tuple()):
+                walk(v)
+        elif isinstance(o, (list, tuple)):
+            for v in o:
+                walk(v)
+
+    walk(out)
+    return flat

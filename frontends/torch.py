@@ -241,7 +241,10 @@ def _update_heads(pruned, dg, plan) -> None:
                 if isinstance(getattr(owner, attr, None), int):
                     setattr(owner, attr, q * dim)
     config = getattr(pruned, "config", None)
-    if config is None or not counts:
+    if config is None:
+        return
+    _update_sizes_on_config(config, dg, plan, groups)
+    if not counts:
         return
     if len(set(counts)) == 1:
         q, kv = counts[0]
@@ -250,6 +253,22 @@ def _update_heads(pruned, dg, plan) -> None:
                 setattr(config, attr, value)
     else:
         log.info("layers keep different head counts %s; model.config keeps the original ones", counts)
+
+
+_FFN_HINTS = ("intermediate", "mlp", "fc1", "gate_proj", "up_proj", "c_fc", "ffn", "feed_forward")
+
+
+def _update_sizes_on_config(config, dg, plan, groups) -> None:
+    """``hidden_size`` and ``intermediate_size`` of a `transformers` config follow the hidden
+    group and the FFN groups, when every layer agrees."""
+    kept = {gp.key: len(gp.keep) for gp in plan.groups}
+    hidden = [kept[g.key] for g in dg.groups if g.kind == "hidden" and g.key in kept]
+    if len(hidden) == 1 and isinstance(getattr(config, "hidden_size", None), int):
+        config.hidden_size = hidden[0]
+    ffn = {kept[g.key] for g in dg.groups if g.kind == "channels" and g.key in kept
+           and any(h in (m.param or "") for m in g.params if m.role == "out" for h in _FFN_HINTS)}
+    if len(ffn) == 1 and isinstance(getattr(config, "intermediate_size", None), int):
+        config.intermediate_size = ffn.pop()
 
 
 def module_outputs(module, example_inputs) -> list[np.ndarray]:

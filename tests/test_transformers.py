@@ -285,3 +285,35 @@ def test_optimized_export_with_shapes_shared_among_layers():
     assert [g.kind for g in groups].count("heads") == 2
     result = spa.prune(proto, 0.5, gqa="q")
     assert run(result.model, feeds_for(spa.load(proto), {"batch": 3, "seq": 4}))[0].shape == (3, 4, 97)
+
+
+@pytest.mark.parametrize("name,gqa,heads", [("bert", "kv", (2, 2)), ("llama-gqa", "kv", (4, 1)),
+                                             ("llama-gqa", "q", (4, 2)), ("gpt2-fused-qkv", "kv", (2, 2)),
+                                             ("vit", "kv", (2, 2))])
+def test_pruned_transformers_module_updates_heads_config_and_runs(name, gqa, heads):
+    builder, attn, _ = EXPORTS[name]
+    torch.manual_seed(0)
+    model, x = builder(attn)
+    model.eval()
+    result = spa.prune(model, x, ratio=0.5, gqa=gqa)
+    small = result.module
+    q, kv = heads
+    assert small.config.num_attention_heads == q
+    if hasattr(small.config, "num_key_value_heads"):
+        assert small.config.num_key_value_heads == kv
+    assert small.config.hidden_size == 32  # the residual stream was halved too
+    if hasattr(small.config, "intermediate_size") and name != "gpt2-fused-qkv":
+        assert small.config.intermediate_size == EXPECTED[_base(name)][4] // 2
+    with torch.no_grad():
+        got = small(x).logits.numpy()
+        want = run(result.model, {result.model.graph.inputs[0].name: x.numpy()})[0]
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+        other = x[:1, :5] if x.dtype == torch.int64 else x[:1]  # another batch and length, in eager
+        assert small(other).logits.shape[0] == 1
+    if name.startswith("llama"):
+        attn_mod = small.model.layers[0].self_attn
+        assert attn_mod.num_key_value_groups == q // kv
+        assert attn_mod.q_proj.out_features == q * 8 and attn_mod.k_proj.out_features == kv * 8
+    if name.startswith("gpt2"):
+        assert small.lm_head.weight is small.transformer.wte.weight  # tied embeddings stay tied
+        assert small.transformer.h[0].attn.split_size == q * 16

@@ -174,3 +174,18 @@ def test_literal_sizes_in_forward_are_blamed_on_their_group():
         spa.prune(module, x, ratio=0.5)
     small = spa.prune(module, x, ratio=0.5, protect=["shared.0.weight"]).module
     assert small.shared[0].out_channels == 24
+
+
+def test_a_parameter_that_cannot_be_mapped_back_is_named():
+    module = _mlp()
+    x = torch.randn(2, 6)
+    proto = tf.export(module, x)
+    for init in proto.graph.initializer:  # as if an exporter had renamed the weight
+        if init.name == "0.weight":
+            init.name = "renamed_weight"
+    for node in proto.graph.node:
+        node.input[:] = ["renamed_weight" if i == "0.weight" else i for i in node.input]
+    dg = spa.dependency_graph(spa.load(proto))
+    plan = spa.make_plan(dg, spa.score(dg), 0.5)
+    with pytest.raises(spa.UnsupportedModelError, match="renamed_weight.*cannot be mapped back"):
+        tf.slice_module(module, dg, plan, {i.name for i in proto.graph.initializer})

@@ -59,10 +59,12 @@ def export(module, example_inputs, dynamic_shapes=None):
     args = as_args(example_inputs)
     was_training = module.training
     module.eval()
+    torch_log = logging.getLogger("torch.onnx")
+    level = torch_log.level
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+            torch_log.setLevel(logging.ERROR)
             prog = torch.onnx.export(module, args, dynamo=True, optimize=False, dynamic_shapes=dynamic_shapes,
                                      verbose=False, report=False)
     except Exception as exc:  # noqa: BLE001 - every exporter failure gets the same advice
@@ -75,6 +77,7 @@ def export(module, example_inputs, dynamic_shapes=None):
             "yourself (torch.onnx.export(..., dynamo=True, optimize=False)) and prune the file"
         ) from exc
     finally:
+        torch_log.setLevel(level)
         module.train(was_training)
     return prog.model_proto
 

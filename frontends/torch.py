@@ -65,8 +65,18 @@ def export(module, example_inputs, dynamic_shapes=None):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch_log.setLevel(logging.ERROR)
-            prog = torch.onnx.export(module, args, dynamo=True, optimize=False, dynamic_shapes=dynamic_shapes,
-                                     verbose=False, report=False)
+            prog = None
+            if dynamic_shapes is None and all(isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] > 1
+                                              for a in args):
+                try:  # a dynamic batch, so calibration batches of any size run through the export
+                    batch = torch.export.Dim("batch")
+                    prog = torch.onnx.export(module, args, dynamo=True, optimize=False, verbose=False,
+                                             report=False, dynamic_shapes=tuple({0: batch} for _ in args))
+                except Exception:  # noqa: BLE001 - the module fixes its batch size: export it static
+                    prog = None
+            if prog is None:
+                prog = torch.onnx.export(module, args, dynamo=True, optimize=False, dynamic_shapes=dynamic_shapes,
+                                         verbose=False, report=False)
     except Exception as exc:  # noqa: BLE001 - every exporter failure gets the same advice
         reason = str(exc).strip().splitlines()
         reason = reason[0] if reason else type(exc).__name__
@@ -117,15 +127,21 @@ def _tensor_slots(module) -> dict[str, tuple[object, str]]:
     return out
 
 
-def slice_module(module, dg, plan, exported: set[str] | None = None):
+def slice_module(module, dg, plan, exported: set[str] | None = None, updates: dict | None = None):
     """A copy of ``module`` with the plan applied to its parameters and buffers (tied tensors
     stay tied) and shape attributes updated. ``dg`` is the dependency graph of its export;
     ``exported`` the export's initializer names (its parameters and buffers). Other constants
-    the trace made (the zero bias of a Conv without one) have no tensor in the module."""
+    the trace made (the zero bias of a Conv without one) have no tensor in the module.
+    ``updates`` replaces some tensors' values first (OBSPA's reconstructed weights)."""
     torch = _torch()
     pruned = copy.deepcopy(module)
     cuts = _kept_cuts(dg, plan)
     owners = _tensor_slots(pruned)
+    for name, arr in (updates or {}).items():
+        if name in owners:
+            mod, attr = owners[name]
+            with torch.no_grad():
+                getattr(mod, attr).copy_(torch.as_tensor(arr))
     if exported is not None:
         cuts = {name: c for name, c in cuts.items() if name in exported or name in owners}
     missing = [name for name in cuts if name not in owners]

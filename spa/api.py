@@ -148,6 +148,32 @@ def _check_module(pruned_module, pruned_onnx: ir.Model, example_inputs, atol: fl
             raise ValidationError(f"output {k} of the pruned module differs from the pruned ONNX model ({diff})")
 
 
+def _activation_scores(dg, criterion: str, stats, reduction: str, normalization: str, seed: int):
+    """Scores from activations (L1 where a group has no consumer layer to read), normalized."""
+    from spa.importance import group_scores, normalize
+    from spa.passes import obs
+    from spa.passes.score import Scores
+
+    def l1(g):
+        return group_scores(g, lambda n: dg.values[n].const_value.numpy(), "l1", reduction, "none")
+
+    raw = obs.activation_scores(dg, criterion, *stats, fallback=l1)
+    return Scores({k: None if v is None else normalize(v, normalization) for k, v in raw.items()}, criterion)
+
+
+def _with_initializers(model: ir.Model, updates: dict) -> ir.Model:
+    """A copy of ``model`` with some initializers' values replaced (OBSPA's reconstruction)."""
+    import numpy as np
+
+    if not updates:
+        return model
+    out = model.clone()
+    for name, arr in updates.items():
+        v = out.graph.initializers[name]
+        v.const_value = ir.tensor(np.ascontiguousarray(arr), name=name)
+    return out
+
+
 def _blame_module_group(module, loaded, dg, plan: Plan, example_inputs, exported, exc) -> ValidationError:
     """The first group whose pruning alone breaks the module, named in the error."""
     from spa.frontends import torch as tf
@@ -220,6 +246,8 @@ def prune(
     progress: Progress = SILENT,
     data=None,
     loss_fn=None,
+    calibration=None,
+    calibration_batches: int = 8,
 ) -> PruneResult:
     """Prune ``model`` (a path, bytes, onnx.ModelProto, onnx_ir.Model or torch ``nn.Module``).
 
@@ -242,7 +270,7 @@ def prune(
     within every K/V group, or both.
     """
     from spa.frontends.torch import is_module
-    from spa.importance import GRADIENT_CRITERIA
+    from spa.importance import ACTIVATION_CRITERIA, GRADIENT_CRITERIA
 
     if isinstance(example_inputs, (int, float)) and not isinstance(example_inputs, bool):
         ratio, example_inputs = float(example_inputs), None
@@ -263,32 +291,48 @@ def prune(
         dg = dependency_graph(loaded)
         groups = dg.groups
     progress.note(f"{len(groups)} prunable groups, {len(dg.blocked_groups)} blocked")
+    stats = None
+    if criterion in ACTIVATION_CRITERIA:
+        from spa.passes import obs
+
+        what = calibration if isinstance(calibration, str) or calibration is None else "user data"
+        with progress.step(f"collecting activations (calibration: {what or 'gaussian'})"):
+            stats = obs.collect_stats(loaded, dg, calibration, calibration_batches, input_shapes, seed)
     with progress.step(f"scoring ({criterion})"):
         arrays = None
         if criterion in GRADIENT_CRITERIA:
             from spa.frontends.gradients import gradient_importance
 
             arrays = gradient_importance(module, criterion, data, loss_fn)
-        scores = score(dg, criterion, reduction, normalization, seed, arrays=arrays)
+        if stats is not None:
+            scores = _activation_scores(dg, criterion, stats, reduction, normalization, seed)
+        else:
+            scores = score(dg, criterion, reduction, normalization, seed, arrays=arrays)
     plan = make_plan(dg, scores, ratio, global_pruning, round_to, protect, kinds, gqa)
     plan = Plan(plan.groups, {**plan.meta, "reduction": reduction, "normalization": normalization, "seed": seed})
-    pruned = apply_plan(loaded, plan, verify=False, progress=progress)
+    updates = {}
+    source_model = loaded
+    if criterion == "obspa":
+        with progress.step("OBSPA: greedy removal with weight reconstruction"):
+            plan, updates = obs.reconstruct(dg, plan, *stats)
+            source_model = _with_initializers(loaded, updates)
+    pruned = apply_plan(source_model, plan, verify=False, progress=progress)
     result = PruneResult(pruned, plan, dg)
     if verify:
         what = "checker, shape inference" + (", onnxruntime run" if run else "")
         with progress.step(f"verifying ({what})"):
-            result.verify_report = _verify_or_blame(pruned, loaded, plan, input_shapes, run)
+            result.verify_report = _verify_or_blame(pruned, source_model, plan, input_shapes, run)
             result.notes.extend(result.verify_report.notes)
     if module is not None:
         exported = {i.name for i in model.graph.initializer}
         with progress.step("slicing the module"):
-            result.module = tf.slice_module(module, dg, plan, exported)
+            result.module = tf.slice_module(module, dg, plan, exported, updates)
         if verify:
             with progress.step("verifying the module against the pruned ONNX model"):
                 try:
                     _check_module(result.module, pruned, example_inputs)
                 except ValidationError as exc:
-                    raise _blame_module_group(module, loaded, dg, plan, example_inputs, exported, exc) from exc
+                    raise _blame_module_group(module, source_model, dg, plan, example_inputs, exported, exc) from exc
     if plan_out is not None:
         plan.to_json(plan_out)
     if output is not None:

@@ -12,7 +12,9 @@ from spa.groups import MAGNITUDE_ROLES, Group
 #: Criteria computed with autograd on an nn.Module (``spa.frontends.gradients``): their arrays
 #: are per-element importances already, summed (signed) per channel.
 GRADIENT_CRITERIA = ("taylor", "snip", "grasp")
-CRITERIA = ("l1", "l2", "random", "bn") + GRADIENT_CRITERIA
+#: Criteria that read activations from calibration data (or data-free inputs): ``spa.passes.obs``.
+ACTIVATION_CRITERIA = ("wanda", "obspa")
+CRITERIA = ("l1", "l2", "random", "bn") + GRADIENT_CRITERIA + ACTIVATION_CRITERIA
 REDUCTIONS = ("mean", "sum", "max")
 NORMALIZATIONS = ("none", "mean", "max")
 

@@ -1,0 +1,149 @@
+"""OBSPA and activation criteria: the OBS formulas against brute force, reconstruction that
+beats plain removal on the calibration data, Wanda scores, calibration sources."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import build, feeds_for, run
+
+import spa
+from spa.calibration import batches
+from spa.passes.activations import collect, consumers
+from spa.passes.obs import obs_select, wanda_scores
+
+HEAD = '<ir_version: 9, opset_import: ["" : 18]>\n'
+MLP = HEAD + """g (float[N,12] x, float[12,16] w1, float[16] b1, float[16,5] w2) => (float[N,5] y)
+{ h = MatMul(x, w1)  a = Add(h, b1)  r = Relu(a)  y = MatMul(r, w2) }"""
+
+
+def _stats(model, feeds):
+    dg = spa.dependency_graph(model)
+    g = dg.group("w1:1")
+    cons = consumers(dg, g)
+    return dg, g, cons, collect(model, cons, feeds)
+
+
+def _feeds(model, n=4, seed=0):
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal((32, 12)).astype(np.float32)} for _ in range(n)]
+
+
+def test_obs_update_is_the_least_squares_optimum_for_one_removed_channel():
+    model = spa.load(build(MLP))
+    feeds = _feeds(model)
+    dg, g, cons, hs = _stats(model, feeds)
+    (c,) = cons
+    w2 = model.graph.initializers["w2"].const_value.numpy()
+    keep, new = obs_select(g, cons, lambda n: model.graph.initializers[n].const_value.numpy(), hs, g.size - 1,
+                           steps=1)
+    removed = sorted(set(range(16)) - set(keep))[0]
+    # Brute force: the best w2 rows for the kept inputs, by least squares on the same activations.
+    sess_out = []
+    for f in feeds:
+        h = f["x"] @ model.graph.initializers["w1"].const_value.numpy() + model.graph.initializers["b1"].const_value.numpy()
+        sess_out.append(np.maximum(h, 0))
+    r = np.concatenate(sess_out).astype(np.float64)
+    kept = [k for k in range(16) if k != removed]
+    target = r @ w2
+    ls, *_ = np.linalg.lstsq(r[:, kept], target, rcond=None)
+    got = new["w2"]
+    assert np.allclose(got[removed], 0)
+    # OBS is exact for the damped quadratic: close to least squares, and far better than plain removal.
+    err_obs = np.linalg.norm(r[:, kept] @ got[kept] - target)
+    err_plain = np.linalg.norm(r[:, kept] @ w2[kept] - target)
+    err_ls = np.linalg.norm(r[:, kept] @ ls - target)
+    assert err_ls <= err_obs + 1e-9 and err_obs < err_plain
+    assert err_obs <= 1.02 * err_ls + 1e-6  # only the damping separates it from least squares
+
+
+def test_obs_loss_of_a_set_matches_its_definition():
+    model = spa.load(build(MLP))
+    dg, g, cons, hs = _stats(model, _feeds(model))
+    from spa.passes.obs import _Layer
+
+    layer = _Layer(cons[0], model.graph.initializers["w2"].const_value.numpy(), hs[cons[0].key], g.size)
+    q = np.array([3, 7])
+    w = layer.w
+    hinv = layer.hinv
+    want = 0.5 * sum(w[r, q] @ np.linalg.inv(hinv[np.ix_(q, q)]) @ w[r, q] for r in range(w.shape[0]))
+    assert np.isclose(layer.loss(q), want)
+
+
+def test_wanda_scores_weight_magnitude_by_activation_norm():
+    model = spa.load(build(MLP))
+    feeds = _feeds(model)
+    dg, g, cons, hs = _stats(model, feeds)
+    w2 = model.graph.initializers["w2"].const_value.numpy()  # [16 in, 5 out]
+    r = np.concatenate([np.maximum(f["x"] @ model.graph.initializers["w1"].const_value.numpy()
+                                   + model.graph.initializers["b1"].const_value.numpy(), 0) for f in feeds])
+    norm = np.sqrt((r.astype(np.float64) ** 2).mean(axis=0))
+    want = (np.abs(w2) * norm[:, None]).sum(axis=1)
+    got = wanda_scores(g, cons, lambda n: model.graph.initializers[n].const_value.numpy(), hs)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_obspa_prune_keeps_outputs_closer_than_l1_and_stays_valid():
+    proto = build(MLP)
+    model = spa.load(proto)
+    calib = [f["x"] for f in _feeds(model, 4, seed=1)]
+    test = {"x": np.random.default_rng(9).standard_normal((64, 12)).astype(np.float32)}
+    want = run(model, test)[0]
+    errs = {}
+    for crit in ("l1", "wanda", "obspa"):
+        result = spa.prune(proto, 0.5, criterion=crit, calibration=calib, input_shapes={"N": 8})
+        errs[crit] = float(np.linalg.norm(run(result.model, test)[0] - want))
+    assert errs["obspa"] < errs["l1"] and errs["obspa"] < errs["wanda"]
+
+
+def test_heads_are_removed_whole_by_obspa():
+    pytest.importorskip("torch")
+    import torch
+    import transformer_models as trm
+
+    torch.manual_seed(0)
+    model, x = trm.bert("eager")
+    proto = trm.export(model, x)
+    result = spa.prune(proto, 0.5, criterion="obspa", kinds=["heads"], calibration="gaussian")
+    heads = [g for g in result.graph.groups if g.kind == "heads"]
+    for g in heads:
+        gp = next(p for p in result.plan.groups if p.key == g.key)
+        assert len(gp.keep) == 2
+        w = result.model.graph.initializers[next(m.param for m in g.params if m.role == "in")]
+        assert w.shape[1] == 32  # two whole heads of 16 columns kept in the output projection
+    assert result.verify_report.ran
+
+
+def test_calibration_sources(tmp_path):
+    model = spa.load(build(MLP))
+    from spa import runtime
+    from spa.io import to_proto
+
+    sess = runtime.session(to_proto(model))
+    a = np.ones((4, 12), np.float32)
+    assert len(batches(a, model, sess)) == 1
+    assert len(batches([a, a, a], model, sess)) == 3
+    assert batches({"x": a}, model, sess)[0]["x"].shape == (4, 12)
+    for k in range(2):
+        np.save(tmp_path / f"b{k}.npy", a)
+    assert len(batches(str(tmp_path), model, sess)) == 2
+    assert len(batches(lambda: iter([a]), model, sess)) == 1
+    free = batches("gaussian", model, sess, n_batches=3, input_shapes={"N": 5})
+    assert len(free) == 3 and free[0]["x"].shape == (5, 12)
+    with pytest.raises(spa.ArgumentError, match="neither a directory"):
+        batches("nowhere", model, sess)
+    with pytest.raises(spa.ArgumentError, match="names input"):
+        batches({"y": a}, model, sess)
+
+
+def test_gaussian_token_ids_cover_the_vocabulary():
+    m = build(HEAD + """g (int64[N,6] ids, float[50,8] emb, float[8,3] w) => (float[N,6,3] y)
+    { e = Gather(emb, ids)  y = MatMul(e, w) }""", weights="ew")
+    model = spa.load(m)
+    from spa import runtime
+    from spa.io import to_proto
+
+    feeds = batches("gaussian", model, runtime.session(to_proto(model)), n_batches=2, input_shapes={"N": 64})
+    ids = np.concatenate([f["ids"].ravel() for f in feeds])
+    assert ids.max() > 40 and ids.min() >= 0 and len(np.unique(ids)) > 30
+    assert feeds_for(model)["ids"].dtype == np.int64

@@ -105,8 +105,10 @@ def _columns(x: np.ndarray, c: Consumer) -> np.ndarray:
     return x.reshape(-1, x.shape[-1])
 
 
-def collect(model, consumers_: list[Consumer], feeds: list[dict], chunk: int = 8) -> dict[tuple, np.ndarray]:
-    """Mean XᵀX per distinct consumer input (keyed by ``Consumer.key``), over all batches."""
+def collect(model, consumers_: list[Consumer], feeds: list[dict], chunk: int = 8,
+            means: dict | None = None) -> dict[tuple, np.ndarray]:
+    """Mean XᵀX per distinct consumer input (keyed by ``Consumer.key``), over all batches;
+    the column means go into ``means`` when given (FLAP's bias compensation)."""
     from spa import runtime
     from spa.io import to_proto
 
@@ -133,5 +135,10 @@ def collect(model, consumers_: list[Consumer], feeds: list[dict], chunk: int = 8
                 h = cols.T @ cols
                 sums[key] = sums.get(key, 0) + h
                 counts[key] = counts.get(key, 0) + cols.shape[0]
+                if means is not None:
+                    means[key] = means.get(key, 0) + cols.sum(axis=0)
             del values
+    if means is not None:
+        for k in list(means):
+            means[k] = means[k] / max(counts[k], 1)
     return {k: sums[k] / max(counts[k], 1) for k in sums}

@@ -51,6 +51,7 @@ def allocate(
     max_group_ratio: float = 0.9,
     kinds=None,
     gqa: str = "kv",
+    ratios: dict | None = None,
 ) -> Plan:
     """Keep the best channels of each group.
 
@@ -61,6 +62,7 @@ def allocate(
     (their K/V heads with the query heads that read them), ``q`` keeps every K/V head and
     removes query heads within each group (the same positions in all groups), ``both`` splits
     the ratio between the two. Within-group pruning is uniform even with global allocation.
+    ``ratios`` (layer-wise allocation, ``spa.passes.layerwise``) gives each group its own ratio.
     """
     if not 0.0 <= ratio < 1.0:
         raise ArgumentError(f"ratio={ratio} must be in [0, 1)")
@@ -95,7 +97,9 @@ def allocate(
     if global_pruning:
         keep_n = _global_counts(candidates, scores, ratio, round_to, max_group_ratio)
     else:
-        keep_n = {g.key: _round_keep(g.size - math.floor(g.size * ratio), g.size, round_to) for g in candidates}
+        per = ratios or {}
+        keep_n = {g.key: _round_keep(g.size - math.floor(g.size * per.get(g.key, ratio)), g.size, round_to)
+                  for g in candidates}
     for g in candidates:
         keep = _keep_every_member(g, _top(scores[g.key], keep_n[g.key]), scores[g.key])
         entries[g.key] = GroupPlan(g.key, g.size, keep)

@@ -83,6 +83,60 @@ def wanda_scores(group: Group, cons, weights, hs) -> np.ndarray | None:
     return total if seen else None
 
 
+def flap_scores(group: Group, cons, weights, hs) -> np.ndarray | None:
+    """FLAP's fluctuation: Σ over a channel's columns of Var(X_col)·‖W[:,col]‖²."""
+    total = np.zeros(group.size)
+    seen = False
+    for c in cons:
+        if c.key not in hs:
+            continue
+        w = c.matrix(weights(c.member.param))
+        mean = hs.means[c.key]
+        var = np.maximum(np.diag(hs[c.key]) - mean ** 2, 0)
+        per_col = var * (w.astype(np.float64) ** 2).sum(axis=0)
+        total += np.bincount(c.member.channel[c.column_channels()], weights=per_col, minlength=group.size)
+        seen = True
+    return total if seen else None
+
+
+def _bias_of(node, dg):
+    """The bias initializer added to a consumer's output (Gemm/Conv input 2, or the Add after a
+    MatMul), with the axis it runs along; None when there is none."""
+    if node.op_type in ("Gemm", "Conv") and len(node.inputs) > 2 and node.inputs[2] is not None:
+        return (node.inputs[2].name, 0) if node.inputs[2].const_value is not None else None
+    uses = node.outputs[0].uses()
+    if node.op_type == "MatMul" and len(uses) == 1 and uses[0][0].op_type == "Add":
+        add = uses[0][0]
+        other = add.inputs[1 - uses[0][1]]
+        if other is not None and other.const_value is not None and len(other.shape) == 1:
+            return other.name, 0
+    return None
+
+
+def flap_compensate(dg, plan, cons, hs) -> dict:
+    """FLAP's bias compensation: the removed columns' mean contribution W[:,Q]·E[X_Q] is folded
+    into each consumer's bias (where it has one). Returns {initializer: new array}."""
+    groups = {g.key: g for g in dg.groups}
+    updates: dict[str, np.ndarray] = {}
+    for gp in plan.groups:
+        g = groups.get(gp.key)
+        if g is None or not gp.removed:
+            continue
+        removed = np.setdiff1d(np.arange(g.size), gp.keep)
+        for c in cons.get(gp.key, []):
+            bias = _bias_of(c.node, dg)
+            if bias is None or c.key not in hs.means:
+                continue
+            w = c.matrix(dg.values[c.member.param].const_value.numpy()).astype(np.float64)
+            q = np.flatnonzero(np.isin(c.member.channel[c.column_channels()], removed))
+            shift = w[:, q] @ hs.means[c.key][q]
+            name = bias[0]
+            base = updates.get(name, dg.values[name].const_value.numpy())
+            if base.shape == shift.shape:
+                updates[name] = (base + shift).astype(base.dtype)
+    return updates
+
+
 def obs_select(group: Group, cons, weights, hs, n_keep: int, steps: int = 8):
     """Greedy structured OBS: remove ``size - n_keep`` channels in up to ``steps`` batches,
     updating H⁻¹ and the weights between batches. Returns (kept channels, {param: new weight})."""
@@ -114,15 +168,25 @@ def collect_stats(model, dg, calibration, n_batches: int = 8, input_shapes: dict
     sess = runtime.session(to_proto(model), optimize=False)
     feeds = cal.batches(calibration, model, sess, n_batches, input_shapes, seed)
     flat = [c for cs in cons.values() for c in cs]
-    hs = collect(model, flat, feeds) if flat else {}
+    means: dict = {}
+    hs = collect(model, flat, feeds, means=means) if flat else {}
+    hs = _Moments(hs, means)
     return cons, hs
+
+
+class _Moments(dict):
+    """H per consumer input (a dict), with the column means alongside (``.means``)."""
+
+    def __init__(self, hs: dict, means: dict):
+        super().__init__(hs)
+        self.means = means
 
 
 def activation_scores(dg, criterion: str, cons, hs, fallback) -> dict:
     """Channel scores per group key: OBS single-removal loss or Wanda; ``fallback(group)`` (L1)
     where a group has no supported consumer."""
     weights = _weights(dg, {})
-    fn = obs_scores if criterion == "obspa" else wanda_scores
+    fn = {"obspa": obs_scores, "wanda": wanda_scores, "flap": flap_scores}[criterion]
     out = {}
     for g in dg.groups:
         s = fn(g, cons[g.key], weights, hs)

@@ -51,13 +51,13 @@ def score(dg: DependencyGraph, criterion: str = "l1", reduction: str = "mean",
 
 def make_plan(dg: DependencyGraph, scores, ratio: float, global_pruning: bool = False,
               round_to: int = 1, protect: Iterable[str] = (), kinds: Iterable[str] | None = None,
-              gqa: str = "kv") -> Plan:
+              gqa: str = "kv", ratios: dict | None = None) -> Plan:
     """Channels to keep per group (only groups of ``kinds`` when given: heads/channels/hidden;
     ``gqa``: kv / q / both, how GQA heads groups are pruned, see ``spa.passes.allocate``)."""
     from spa.passes.allocate import allocate
 
     return allocate(dg, scores, ratio, global_pruning, round_to, tuple(protect),
-                    kinds=None if kinds is None else tuple(kinds), gqa=gqa)
+                    kinds=None if kinds is None else tuple(kinds), gqa=gqa, ratios=ratios)
 
 
 def _apply(model: ir.Model, plan: Plan) -> ir.Model:
@@ -146,6 +146,19 @@ def _check_module(pruned_module, pruned_onnx: ir.Model, example_inputs, atol: fl
         if w.shape != g.shape or not np.allclose(w, g, atol=atol, rtol=1e-3):
             diff = float(np.max(np.abs(w - g))) if w.shape == g.shape else f"shape {g.shape} vs {w.shape}"
             raise ValidationError(f"output {k} of the pruned module differs from the pruned ONNX model ({diff})")
+
+
+def _layerwise_ratios(dg, allocation: str, ratio: float, stats, kinds) -> dict:
+    from spa.passes import layerwise
+
+    groups = [g for g in dg.groups if kinds is None or g.kind in kinds]
+
+    def weights(name):
+        return dg.values[name].const_value.numpy()
+
+    if allocation == "alpha":
+        return layerwise.alpha_ratios(groups, weights, ratio)
+    return layerwise.owl_ratios(groups, weights, *stats, ratio=ratio)
 
 
 def _activation_scores(dg, criterion: str, stats, reduction: str, normalization: str, seed: int):
@@ -248,6 +261,7 @@ def prune(
     loss_fn=None,
     calibration=None,
     calibration_batches: int = 8,
+    allocation: str = "uniform",
 ) -> PruneResult:
     """Prune ``model`` (a path, bytes, onnx.ModelProto, onnx_ir.Model or torch ``nn.Module``).
 
@@ -270,7 +284,11 @@ def prune(
     within every K/V group, or both.
     """
     from spa.frontends.torch import is_module
-    from spa.importance import ACTIVATION_CRITERIA, GRADIENT_CRITERIA
+    from spa.importance import ACTIVATION_CRITERIA, GRADIENT_CRITERIA, check_choice
+    from spa.passes.layerwise import ALLOCATIONS
+
+    check_choice("allocation", allocation, ALLOCATIONS)
+    global_pruning = global_pruning or allocation == "global"
 
     if isinstance(example_inputs, (int, float)) and not isinstance(example_inputs, bool):
         ratio, example_inputs = float(example_inputs), None
@@ -292,7 +310,7 @@ def prune(
         groups = dg.groups
     progress.note(f"{len(groups)} prunable groups, {len(dg.blocked_groups)} blocked")
     stats = None
-    if criterion in ACTIVATION_CRITERIA:
+    if criterion in ACTIVATION_CRITERIA or allocation == "owl":
         from spa.passes import obs
 
         what = calibration if isinstance(calibration, str) or calibration is None else "user data"
@@ -304,18 +322,21 @@ def prune(
             from spa.frontends.gradients import gradient_importance
 
             arrays = gradient_importance(module, criterion, data, loss_fn)
-        if stats is not None:
+        if criterion in ACTIVATION_CRITERIA:
             scores = _activation_scores(dg, criterion, stats, reduction, normalization, seed)
         else:
             scores = score(dg, criterion, reduction, normalization, seed, arrays=arrays)
-    plan = make_plan(dg, scores, ratio, global_pruning, round_to, protect, kinds, gqa)
+    ratios = _layerwise_ratios(dg, allocation, ratio, stats, kinds) if allocation in ("alpha", "owl") else None
+    plan = make_plan(dg, scores, ratio, global_pruning, round_to, protect, kinds, gqa, ratios)
     plan = Plan(plan.groups, {**plan.meta, "reduction": reduction, "normalization": normalization, "seed": seed})
     updates = {}
     source_model = loaded
     if criterion == "obspa":
         with progress.step("OBSPA: greedy removal with weight reconstruction"):
             plan, updates = obs.reconstruct(dg, plan, *stats)
-            source_model = _with_initializers(loaded, updates)
+    elif criterion == "flap":
+        updates = obs.flap_compensate(dg, plan, *stats)
+    source_model = _with_initializers(loaded, updates)
     pruned = apply_plan(source_model, plan, verify=False, progress=progress)
     result = PruneResult(pruned, plan, dg)
     if verify:

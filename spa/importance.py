@@ -13,7 +13,7 @@ from spa.groups import MAGNITUDE_ROLES, Group
 #: are per-element importances already, summed (signed) per channel.
 GRADIENT_CRITERIA = ("taylor", "snip", "grasp")
 #: Criteria that read activations from calibration data (or data-free inputs): ``spa.passes.obs``.
-ACTIVATION_CRITERIA = ("wanda", "obspa")
+ACTIVATION_CRITERIA = ("wanda", "flap", "obspa")
 CRITERIA = ("l1", "l2", "random", "bn") + GRADIENT_CRITERIA + ACTIVATION_CRITERIA
 REDUCTIONS = ("mean", "sum", "max")
 NORMALIZATIONS = ("none", "mean", "max")

@@ -53,7 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("model")
     pr.add_argument("-o", "--output", required=True)
     pr.add_argument("--ratio", type=float, required=True, help="fraction of channels to remove, in [0, 1)")
-    pr.add_argument("--criterion", default="l1", choices=CRITERIA)
+    pr.add_argument("--criterion", default="l1", choices=CRITERIA,
+                    help="l1/l2/random/bn (weights); wanda/flap/obspa (activations: see --calibration); "
+                         "taylor/snip/grasp need an nn.Module (Python API)")
+    pr.add_argument("--calibration", default=None, metavar="gaussian|DIR",
+                    help="inputs for wanda/flap/obspa and --allocation owl: 'gaussian' (data-free, the default) "
+                         "or a directory of .npy batches")
+    pr.add_argument("--calibration-batches", type=int, default=8, metavar="N",
+                    help="data-free batches to synthesize (default 8)")
+    pr.add_argument("--allocation", default="uniform", choices=("uniform", "global", "alpha", "owl"),
+                    help="per-group ratios: uniform, global ranking, alpha (weight spectrum) or owl (outliers)")
     pr.add_argument("--reduction", default="mean", choices=REDUCTIONS, help="how member scores combine")
     pr.add_argument("--normalization", default="mean", choices=NORMALIZATIONS, help="per-group score normalization")
     pr.add_argument("--global", dest="global_pruning", action="store_true",
@@ -116,7 +125,8 @@ def _cmd_prune(args) -> int:
     result = spa.prune(
         args.model, args.ratio, criterion=args.criterion, reduction=args.reduction,
         normalization=args.normalization, global_pruning=args.global_pruning, round_to=args.round_to,
-        protect=args.protect, kinds=args.kinds, gqa=args.gqa, seed=args.seed, output=args.output, plan_out=args.plan_out,
+        protect=args.protect, kinds=args.kinds, gqa=args.gqa, seed=args.seed, calibration=args.calibration,
+        calibration_batches=args.calibration_batches, allocation=args.allocation, output=args.output, plan_out=args.plan_out,
         input_shapes=_input_shapes(args.input_shape), progress=prog, verify=True, run=not args.no_verify,
     )
     pruned = len(result.plan.pruned_groups)

@@ -131,12 +131,12 @@ def collect(model, consumers_: list[Consumer], feeds: list[dict], chunk: int = 8
             for key, c in by_key.items():
                 if c.x not in values:
                     continue
-                cols = _columns(values[c.x].astype(np.float64), c)
-                h = cols.T @ cols
+                cols = _columns(values[c.x].astype(np.float32), c)
+                h = (cols.T @ cols).astype(np.float64)  # float32 product, float64 running sum
                 sums[key] = sums.get(key, 0) + h
                 counts[key] = counts.get(key, 0) + cols.shape[0]
                 if means is not None:
-                    means[key] = means.get(key, 0) + cols.sum(axis=0)
+                    means[key] = means.get(key, 0) + cols.sum(axis=0, dtype=np.float64)
             del values
     if means is not None:
         for k in list(means):

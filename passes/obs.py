@@ -35,6 +35,15 @@ class _Layer:
         col_ch = consumer.member.channel[consumer.column_channels()]
         self.cols = [np.flatnonzero(col_ch == c) for c in range(group_size)]
 
+    def channel_losses(self, channels) -> np.ndarray:
+        """Loss of removing each channel alone; one vectorized pass when channels are single
+        columns (Linear inputs), a small solve per channel otherwise (heads, conv kernels)."""
+        if all(self.cols[c].size == 1 for c in channels):
+            idx = np.array([self.cols[c][0] for c in channels])
+            d = np.diag(self.hinv)[idx]
+            return 0.5 * (self.w[:, idx] ** 2).sum(axis=0) / np.maximum(d, 1e-12)
+        return np.array([self.loss(self.cols[c]) for c in channels])
+
     def loss(self, q: np.ndarray) -> float:
         if q.size == 0:
             return 0.0
@@ -64,7 +73,7 @@ def obs_scores(group: Group, cons, weights, hs) -> np.ndarray | None:
     layers = _layers(group, cons, weights, hs)
     if not layers:
         return None
-    return np.array([sum(layer.loss(layer.cols[c]) for layer in layers) for c in range(group.size)])
+    return sum(layer.channel_losses(range(group.size)) for layer in layers)
 
 
 def wanda_scores(group: Group, cons, weights, hs) -> np.ndarray | None:
@@ -147,7 +156,7 @@ def obs_select(group: Group, cons, weights, hs, n_keep: int, steps: int = 8):
         return tuple(alive), {}
     batch = max(1, int(np.ceil(to_remove / steps)))
     while to_remove > 0:
-        losses = np.array([sum(layer.loss(layer.cols[c]) for layer in layers) for c in alive])
+        losses = sum(layer.channel_losses(alive) for layer in layers)
         take = min(batch, to_remove)
         chosen = [alive[i] for i in np.argsort(losses, kind="stable")[:take]]
         for layer in layers:

@@ -314,6 +314,11 @@ def prune(
         from spa.passes import obs
 
         what = calibration if isinstance(calibration, str) or calibration is None else "user data"
+        if isinstance(calibration, str) and calibration == "bn" and module is not None:
+            from spa.frontends.bn_inputs import bn_matched_inputs
+
+            with progress.step("synthesizing inputs matched to BatchNorm statistics"):
+                calibration = bn_matched_inputs(module, example_inputs, calibration_batches, seed=seed)
         with progress.step(f"collecting activations (calibration: {what or 'gaussian'})"):
             stats = obs.collect_stats(loaded, dg, calibration, calibration_batches, input_shapes, seed)
     with progress.step(f"scoring ({criterion})"):

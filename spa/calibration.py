@@ -4,6 +4,8 @@ synthesized without any dataset.
 A source is one of:
   * ``"gaussian"`` (data-free): standard normal floats; token ids uniform over the vocabulary
     of the embedding table the input indexes;
+  * ``"bn"`` (data-free, nn.Module with BatchNorm): inputs optimized so every BatchNorm layer
+    sees batch statistics equal to its running statistics (``spa.frontends.bn_inputs``);
   * a numpy array (one batch of the first input) or a list of them (several batches);
   * a dict ``{input name: array}`` (one batch) or a list of such dicts;
   * a directory of ``.npy`` files (one batch each, for the first input; or ``NAME.*.npy`` per
@@ -21,7 +23,9 @@ import numpy as np
 
 from spa.errors import ArgumentError
 
-DATA_FREE = ("gaussian",)
+DATA_FREE = ("gaussian", "bn")
+#: Batch size of synthesized inputs where the model's batch axis is dynamic.
+SYNTH_BATCH = 16
 
 
 def _vocab(model, name: str) -> int | None:
@@ -40,8 +44,13 @@ def synthesize(model, sess, n_batches: int, input_shapes: dict | None, seed: int
     from spa import runtime
 
     rng = np.random.default_rng(seed)
+    shapes = dict(input_shapes or {})
+    for i in sess.get_inputs():  # a dynamic batch axis gets SYNTH_BATCH samples, not 1
+        if i.name not in shapes and i.shape and not isinstance(i.shape[0], int) and i.shape[0] not in shapes:
+            shape = list(runtime.concrete_shape(i.name, i.shape, input_shapes))
+            shapes[i.name] = [SYNTH_BATCH] + shape[1:]
     for _ in range(n_batches):
-        feeds = runtime.random_feeds(sess, input_shapes, int(rng.integers(1 << 31)))
+        feeds = runtime.random_feeds(sess, shapes, int(rng.integers(1 << 31)))
         for i in sess.get_inputs():
             arr = feeds[i.name]
             if np.issubdtype(arr.dtype, np.integer):
@@ -79,6 +88,9 @@ def batches(source, model, sess, n_batches: int = 8, input_shapes: dict | None =
     """Feed dicts for onnxruntime from a calibration source (see the module docstring)."""
     names = [i.name for i in sess.get_inputs()]
     if source is None or (isinstance(source, str) and source in DATA_FREE):
+        if source == "bn":
+            raise ArgumentError("calibration='bn' synthesizes inputs from an nn.Module's BatchNorm statistics; "
+                                "pass the module to spa.prune (or use 'gaussian' for an ONNX file)")
         return list(synthesize(model, sess, n_batches, input_shapes, seed))
     if callable(source):
         source = source()

@@ -147,3 +147,80 @@ def test_gaussian_token_ids_cover_the_vocabulary():
     ids = np.concatenate([f["ids"].ravel() for f in feeds])
     assert ids.max() > 40 and ids.min() >= 0 and len(np.unique(ids)) > 30
     assert feeds_for(model)["ids"].dtype == np.int64
+
+
+def test_flap_folds_the_removed_mean_into_the_bias():
+    """A channel whose input is constant carries only its mean: FLAP removes it exactly."""
+    proto = build(HEAD + """g (float[N,6] x, float[6,8] w1, float[8] b1, float[8,3] w2, float[3] b2)
+        => (float[N,3] y)
+    { h = MatMul(x, w1)  a = Add(h, b1)  r = Relu(a)  m = MatMul(r, w2)  y = Add(m, b2) }""")
+    model = spa.load(proto)
+    w1 = model.graph.initializers["w1"].const_value.numpy().copy()
+    w1[:, 2] = 0  # channel 2 is relu(b1[2]): a constant
+    model.graph.initializers["w1"].const_value = spa.api.ir.tensor(w1, name="w1")
+    b1 = model.graph.initializers["b1"].const_value.numpy().copy()
+    b1[2] = 3.0
+    model.graph.initializers["b1"].const_value = spa.api.ir.tensor(b1, name="b1")
+    calib = [np.random.default_rng(k).standard_normal((16, 6)).astype(np.float32) for k in range(3)]
+    dg = spa.dependency_graph(model)
+    g = dg.group("w1:1")
+    plan = spa.Plan((spa.GroupPlan(g.key, 8, tuple(k for k in range(8) if k != 2)),))
+    from spa.passes.obs import collect_stats, flap_compensate, flap_scores
+
+    cons, hs = collect_stats(model, dg, calib)
+    assert np.argmin(flap_scores(g, cons[g.key], lambda n: dg.values[n].const_value.numpy(), hs)) == 2
+    updates = flap_compensate(dg, plan, cons, hs)
+    pruned = spa.apply_plan(spa.api._with_initializers(model, updates), plan)
+    test = {"x": np.random.default_rng(5).standard_normal((10, 6)).astype(np.float32)}
+    np.testing.assert_allclose(run(pruned, test)[0], run(model, test)[0], atol=1e-4)
+
+
+def test_layerwise_allocations_keep_the_target():
+    pytest.importorskip("torch")
+    import torch
+    import torch_models as tm
+
+    torch.manual_seed(0)
+    module, x = tm.randomize_norms(tm.ResNet()).eval(), torch.randn(4, 3, 16, 16)
+    sizes = None
+    for allocation in ("alpha", "owl"):
+        result = spa.prune(module, x, ratio=0.4, allocation=allocation, calibration="gaussian")
+        removed = sum(gp.removed for gp in result.plan.groups)
+        total = sum(gp.size for gp in result.plan.groups)
+        assert abs(removed / total - 0.4) < 0.05
+        per_group = [gp.removed / gp.size for gp in result.plan.groups]
+        assert max(per_group) - min(per_group) > 0.05  # not uniform
+        sizes = sizes or total
+    from spa.passes.layerwise import fit_target, hill_alpha
+
+    r = fit_target(np.array([10.0, 30.0]), np.array([0.1, 0.9]), 0.5)
+    assert np.isclose((r * [10, 30]).sum() / 40, 0.5, atol=1e-6)
+    rng = np.random.default_rng(0)
+    heavy = rng.standard_t(2, size=(64, 64))  # heavy-tailed weights: a smaller alpha than Gaussian ones
+    assert hill_alpha(heavy) < hill_alpha(rng.standard_normal((64, 64)))
+
+
+def test_bn_matched_inputs_reproduce_the_running_statistics():
+    pytest.importorskip("torch")
+    import torch
+    from torch import nn
+
+    from spa.frontends.bn_inputs import bn_matched_inputs
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    module[1].running_mean.copy_(torch.tensor([0.5, -1.0, 2.0, 0.0]))
+    module[1].running_var.copy_(torch.tensor([1.0, 0.25, 4.0, 2.0]))
+    (x,) = bn_matched_inputs(module, torch.randn(2, 1, 8, 8), n_batches=1, steps=300)
+
+    def mismatch(inp):
+        with torch.no_grad():
+            h = module[0](torch.as_tensor(inp))
+        return float(((h.mean((0, 2, 3)) - module[1].running_mean) ** 2).sum()
+                     + ((h.var((0, 2, 3), unbiased=False) - module[1].running_var) ** 2).sum())
+
+    noise = torch.randn(x.shape).numpy()
+    assert x.shape == (16, 1, 8, 8)
+    assert mismatch(x) < 0.2 * mismatch(noise)
+    with pytest.raises(spa.ArgumentError, match="BatchNorm"):
+        bn_matched_inputs(nn.Linear(3, 2), torch.randn(2, 3))

@@ -13,7 +13,7 @@ statistics) and OBSPA with calibration data (training images; for the LLaMA, oth
 tokens).
 Writes a PNG plot and a Markdown table.
 
-    python examples/bench_quality.py [--out quality] [--ratios 0.1,0.2,...] [--epochs 15]
+    python examples/bench_quality.py [--out docs/quality] [--ratios 0.1,0.2,...] [--epochs 15]
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def llama_fidelity(ratios, seq=16):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="quality", help="output prefix for the .png and .md")
+    ap.add_argument("--out", default="docs/quality", help="output prefix for the .png and .md")
     ap.add_argument("--ratios", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7")
     ap.add_argument("--epochs", type=int, default=15)
     args = ap.parse_args()
@@ -165,6 +165,7 @@ def main() -> None:
                   "|---|" + "---|" * len(ratios)]
         lines += [f"| {label} | " + " | ".join(f"{v:.3f}" for v in vals) + " |" for label, vals in rows.items()]
         lines.append("")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
@@ -174,9 +175,10 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5))
+    colors = dict(zip((c[0] for c in CRITERIA), plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for ax, (title, dense, rows) in zip(axes, panels):
         for label, vals in rows.items():
-            ax.plot([100 * r for r in ratios], vals, marker="o", label=label)
+            ax.plot([100 * r for r in ratios], vals, marker="o", label=label, color=colors[label])
         ax.axhline(dense, color="gray", linestyle="--", linewidth=1, label="dense")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("channels removed (%)")

@@ -92,3 +92,22 @@ def test_import_spa_loads_neither_torch_nor_onnxruntime():
     code = "import sys, spa; spa.load; print('torch' in sys.modules, 'onnxruntime' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.split() == ["False", "False"]
+
+
+def test_prune_obspa_with_a_calibration_directory_and_layerwise_allocation(model_file, tmp_path, capsys):
+    import numpy as np
+
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        np.save(calib / f"batch{k}.npy", rng.standard_normal((1, 3, 16, 16)).astype(np.float32))
+    out = tmp_path / "small.onnx"
+    assert main(["prune", str(model_file), "-o", str(out), "--ratio", "0.5", "--criterion", "obspa",
+                 "--calibration", str(calib), "--allocation", "alpha"]) == 0
+    assert out.exists() and "pruned" in capsys.readouterr().out
+    assert main(["prune", str(model_file), "-o", str(out), "--ratio", "0.5", "--criterion", "obspa",
+                 "--calibration", str(tmp_path / "missing")]) == 1
+    assert "neither a directory" in capsys.readouterr().err
+    assert main(["prune", str(model_file), "-o", str(out), "--ratio", "0.5", "--criterion", "taylor"]) == 1
+    assert "needs gradients" in capsys.readouterr().err

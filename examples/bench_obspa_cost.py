@@ -24,28 +24,12 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     args = ap.parse_args()
 
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    cfg = BertConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                     vocab_size=30522, num_labels=2)
-    model = BertForSequenceClassification(cfg).eval()
-
-    class Logits(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, x):
-            return self.model(x).logits
+    from bench_transformers import export  # the same BERT-base shape, exported with dynamic axes
 
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         path = f"{tmp}/bert.onnx"
-        shapes = ({0: torch.export.Dim("batch"), 1: torch.export.Dim("seq", max=512)},)
-        torch.onnx.export(Logits().eval(), (torch.randint(0, 30522, (2, 16)),), dynamo=True, optimize=False,
-                          dynamic_shapes=shapes, input_names=["input_ids"], verbose=False).save(path)
+        export("bert", path)
         t0 = time.perf_counter()
         result = spa.prune(path, args.ratio, criterion="obspa", calibration="gaussian",
                            calibration_batches=args.batches, input_shapes={"seq": args.seq},

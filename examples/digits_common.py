@@ -70,3 +70,10 @@ def size(model: nn.Module, example) -> tuple[int, int]:
 def row(name: str, model: nn.Module, x_te, y_te, example) -> list:
     p, m = size(model, example)
     return [name, f"{accuracy(model, x_te, y_te):.3f}", f"{p:,}", f"{m:,}"]
+
+
+def trained_cnn(epochs: int, seed: int = 0):
+    """The digits split and a SmallCNN trained on it: (model, x_tr, y_tr, x_te, y_te, example)."""
+    x_tr, y_tr, x_te, y_te = data()
+    torch.manual_seed(seed)
+    return train(SmallCNN(), x_tr, y_tr, epochs), x_tr, y_tr, x_te, y_te, x_tr[:2]

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-from digits_common import SmallCNN, accuracy, batches, data, row, train
+from digits_common import accuracy, batches, row, train, trained_cnn
 
 import spa
 from spa.report import table
@@ -22,11 +21,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=20, help="training of the dense model")
     ap.add_argument("--finetune", type=int, default=3, help="fine-tuning epochs after each step")
     args = ap.parse_args()
-    x_tr, y_tr, x_te, y_te = data()
-    example = x_tr[:2]
-
-    torch.manual_seed(0)
-    model = train(SmallCNN(), x_tr, y_tr, args.epochs)
+    model, x_tr, y_tr, x_te, y_te, example = trained_cnn(args.epochs)
     rows = [row("dense, trained", model, x_te, y_te, example)]
     for step in range(1, args.steps + 1):
         result = spa.prune(model, example, ratio=args.step_ratio, criterion="taylor", data=batches(x_tr, y_tr)[:8])

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-from digits_common import SmallCNN, batches, data, row, train
+from digits_common import batches, row, trained_cnn
 
 import spa
 from spa.report import table
@@ -21,11 +20,7 @@ def main() -> None:
     ap.add_argument("--ratios", default="0.1,0.2,0.3,0.5")
     ap.add_argument("--epochs", type=int, default=20)
     args = ap.parse_args()
-    x_tr, y_tr, x_te, y_te = data()
-    example = x_tr[:2]
-
-    torch.manual_seed(0)
-    model = train(SmallCNN(), x_tr, y_tr, args.epochs)
+    model, x_tr, y_tr, x_te, y_te, example = trained_cnn(args.epochs)
     rows = [row("dense, trained", model, x_te, y_te, example)]
     calib = batches(x_tr, y_tr)[:8]
     for ratio in (float(r) for r in args.ratios.split(",")):

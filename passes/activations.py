@@ -13,7 +13,6 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 
 from spa.depgraph import DependencyGraph
 from spa.groups import Group, Member
@@ -110,18 +109,12 @@ def collect(model, consumers_: list[Consumer], feeds: list[dict], chunk: int = 8
     """Mean XᵀX per distinct consumer input (keyed by ``Consumer.key``), over all batches;
     the column means go into ``means`` when given (FLAP's bias compensation)."""
     from spa import runtime
-    from spa.io import to_proto
 
     by_key: dict[tuple, Consumer] = {}
     for c in consumers_:
         by_key.setdefault(c.key, c)
     names = sorted({c.x for c in by_key.values()})
-    proto = to_proto(model)
-    graph_outputs = {o.name for o in proto.graph.output}
-    for n in names:
-        if n not in graph_outputs:
-            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
-    sess = runtime.session(proto, optimize=False)
+    sess = runtime.session_exposing(model, names)
     sums: dict[tuple, np.ndarray] = {}
     counts: dict[tuple, int] = {}
     for start in range(0, len(names), chunk):

@@ -76,36 +76,35 @@ def obs_scores(group: Group, cons, weights, hs) -> np.ndarray | None:
     return sum(layer.channel_losses(range(group.size)) for layer in layers)
 
 
-def wanda_scores(group: Group, cons, weights, hs) -> np.ndarray | None:
-    """Σ over a channel's columns of |W[:,col]|·‖X_col‖, summed over consumers."""
+def _per_channel(group: Group, cons, hs, per_column) -> np.ndarray | None:
+    """Σ over consumers and over each channel's columns of ``per_column(consumer, H)``."""
     total = np.zeros(group.size)
     seen = False
     for c in cons:
         if c.key not in hs:
             continue
-        w = np.abs(c.matrix(weights(c.member.param)))
-        norm = np.sqrt(np.maximum(np.diag(hs[c.key]), 0))
-        per_col = (w * norm[None, :]).sum(axis=0)
         col_ch = c.member.channel[c.column_channels()]
-        total += np.bincount(col_ch, weights=per_col, minlength=group.size)
+        total += np.bincount(col_ch, weights=per_column(c, hs[c.key]), minlength=group.size)
         seen = True
     return total if seen else None
+
+
+def wanda_scores(group: Group, cons, weights, hs) -> np.ndarray | None:
+    """Σ over a channel's columns of |W[:,col]|·‖X_col‖, summed over consumers."""
+    def per_column(c, h):
+        norm = np.sqrt(np.maximum(np.diag(h), 0))
+        return (np.abs(c.matrix(weights(c.member.param))) * norm[None, :]).sum(axis=0)
+
+    return _per_channel(group, cons, hs, per_column)
 
 
 def flap_scores(group: Group, cons, weights, hs) -> np.ndarray | None:
     """FLAP's fluctuation: Σ over a channel's columns of Var(X_col)·‖W[:,col]‖²."""
-    total = np.zeros(group.size)
-    seen = False
-    for c in cons:
-        if c.key not in hs:
-            continue
-        w = c.matrix(weights(c.member.param))
-        mean = hs.means[c.key]
-        var = np.maximum(np.diag(hs[c.key]) - mean ** 2, 0)
-        per_col = var * (w.astype(np.float64) ** 2).sum(axis=0)
-        total += np.bincount(c.member.channel[c.column_channels()], weights=per_col, minlength=group.size)
-        seen = True
-    return total if seen else None
+    def per_column(c, h):
+        var = np.maximum(np.diag(h) - hs.means[c.key] ** 2, 0)
+        return var * (c.matrix(weights(c.member.param)).astype(np.float64) ** 2).sum(axis=0)
+
+    return _per_channel(group, cons, hs, per_column)
 
 
 def _bias_of(node, dg):

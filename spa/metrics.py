@@ -55,14 +55,8 @@ def _run_shapes(model: ir.Model, names: list[str], input_shapes: dict | None) ->
     """Shapes of ``names`` read off one onnxruntime run (where inference cannot follow the
     Shape arithmetic of an export with dynamic axes)."""
     from spa import runtime
-    from spa.io import to_proto
 
-    proto = to_proto(model)
-    known = {o.name for o in proto.graph.output}
-    for name in names:
-        if name not in known:
-            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    sess = runtime.session(proto, optimize=False)
+    sess = runtime.session_exposing(model, names)
     outs = sess.run(names, runtime.random_feeds(sess, input_shapes))
     return {n: tuple(o.shape) for n, o in zip(names, outs)}
 

@@ -39,6 +39,21 @@ def session(model, threads: int | None = None, optimize: bool = True):
     return ort.InferenceSession(model if isinstance(model, bytes) else str(model), opts, providers=providers())
 
 
+def session_exposing(model, names, optimize: bool = False):
+    """A session over ``model`` (an onnx_ir.Model) whose outputs also include the intermediate
+    values ``names``, to read activations or shapes off a run."""
+    import onnx
+
+    from spa.io import to_proto
+
+    proto = to_proto(model)
+    known = {o.name for o in proto.graph.output}
+    for name in names:
+        if name not in known:
+            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    return session(proto, optimize=optimize)
+
+
 def concrete_shape(name: str, shape, overrides: dict | None = None) -> tuple[int, ...]:
     """Replace symbolic dims: batch (axis 0) -> 1; sequence-like -> 16; spatial (rank 4) -> 64."""
     if overrides and name in overrides:

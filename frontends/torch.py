@@ -14,7 +14,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from spa.errors import FrontendError, PlanError, UnsupportedModelError
+from spa.errors import FrontendError, PlanError, UnsupportedModelError, ValidationError
 
 log = logging.getLogger("spa")
 
@@ -309,3 +309,40 @@ def module_outputs(module, example_inputs) -> list[np.ndarray]:
 
     walk(out)
     return flat
+
+
+def check_module(pruned_module, pruned_onnx, example_inputs, atol: float = 1e-4) -> None:
+    """The pruned module runs and gives the outputs of the ONNX model pruned with the same plan."""
+    from spa import runtime
+    from spa.io import to_proto
+
+    try:
+        got = module_outputs(pruned_module, example_inputs)
+    except Exception as exc:  # noqa: BLE001 - any eager failure means a wrong attribute update
+        raise ValidationError(
+            f"the pruned module does not run in eager mode: {exc}. A size written as a literal in forward() "
+            "(torch.split sizes, a view shape) cannot follow pruning: compute it from tensor shapes, or keep "
+            "the group whole with protect=[...]") from exc
+    sess = runtime.session(to_proto(pruned_onnx), optimize=False)
+    feeds = {i.name: a.detach().cpu().numpy() for i, a in zip(sess.get_inputs(), as_args(example_inputs))}
+    want = sess.run(None, feeds)
+    for k, (w, g) in enumerate(zip(want, got)):
+        if w.shape != g.shape or not np.allclose(w, g, atol=atol, rtol=1e-3):
+            diff = float(np.max(np.abs(w - g))) if w.shape == g.shape else f"shape {g.shape} vs {w.shape}"
+            raise ValidationError(f"output {k} of the pruned module differs from the pruned ONNX model ({diff})")
+
+
+def blame_module_group(module, loaded, dg, plan, example_inputs, exported, exc, apply_onnx):
+    """The first group whose pruning alone breaks the module, named in the error (``apply_onnx``
+    prunes the ONNX model with a plan)."""
+    from spa.plan import GroupPlan, Plan
+
+    for gp in plan.pruned_groups:
+        single = Plan(tuple(g if g.key == gp.key else GroupPlan(g.key, g.size, tuple(range(g.size)))
+                            for g in plan.groups))
+        try:
+            check_module(slice_module(module, dg, single, exported), apply_onnx(loaded, single), example_inputs)
+        except ValidationError as one:
+            return ValidationError(f"pruning group '{gp.key}' breaks the module: {one} "
+                                   f"(protect=['{gp.key.rsplit(':', 1)[0]}'] keeps it whole)")
+    return exc

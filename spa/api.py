@@ -120,32 +120,8 @@ def _apply_to_module(module, plan: Plan, example_inputs, verify: bool, progress:
         pruned = tf.slice_module(module, dg, plan, {i.name for i in proto.graph.initializer})
     if verify:
         with progress.step("verifying the module against the pruned ONNX model"):
-            _check_module(pruned, apply_plan(loaded, plan, verify=False), example_inputs)
+            tf.check_module(pruned, apply_plan(loaded, plan, verify=False), example_inputs)
     return pruned
-
-
-def _check_module(pruned_module, pruned_onnx: ir.Model, example_inputs, atol: float = 1e-4) -> None:
-    """The pruned module runs and gives the outputs of the ONNX model pruned with the same plan."""
-    import numpy as np
-
-    from spa import runtime
-    from spa.frontends import torch as tf
-    from spa.io import to_proto
-
-    try:
-        got = tf.module_outputs(pruned_module, example_inputs)
-    except Exception as exc:  # noqa: BLE001 - any eager failure means a wrong attribute update
-        raise ValidationError(
-            f"the pruned module does not run in eager mode: {exc}. A size written as a literal in forward() "
-            "(torch.split sizes, a view shape) cannot follow pruning: compute it from tensor shapes, or keep "
-            "the group whole with protect=[...]") from exc
-    sess = runtime.session(to_proto(pruned_onnx), optimize=False)
-    feeds = {i.name: a.detach().cpu().numpy() for i, a in zip(sess.get_inputs(), tf.as_args(example_inputs))}
-    want = sess.run(None, feeds)
-    for k, (w, g) in enumerate(zip(want, got)):
-        if w.shape != g.shape or not np.allclose(w, g, atol=atol, rtol=1e-3):
-            diff = float(np.max(np.abs(w - g))) if w.shape == g.shape else f"shape {g.shape} vs {w.shape}"
-            raise ValidationError(f"output {k} of the pruned module differs from the pruned ONNX model ({diff})")
 
 
 def _layerwise_ratios(dg, allocation: str, ratio: float, stats, kinds) -> dict:
@@ -161,7 +137,7 @@ def _layerwise_ratios(dg, allocation: str, ratio: float, stats, kinds) -> dict:
     return layerwise.owl_ratios(groups, weights, *stats, ratio=ratio)
 
 
-def _activation_scores(dg, criterion: str, stats, reduction: str, normalization: str, seed: int):
+def _activation_scores(dg, criterion: str, stats, reduction: str, normalization: str):
     """Scores from activations (L1 where a group has no consumer layer to read), normalized."""
     from spa.importance import group_scores, normalize
     from spa.passes import obs
@@ -185,21 +161,6 @@ def _with_initializers(model: ir.Model, updates: dict) -> ir.Model:
         v = out.graph.initializers[name]
         v.const_value = ir.tensor(np.ascontiguousarray(arr), name=name)
     return out
-
-
-def _blame_module_group(module, loaded, dg, plan: Plan, example_inputs, exported, exc) -> ValidationError:
-    """The first group whose pruning alone breaks the module, named in the error."""
-    from spa.frontends import torch as tf
-
-    for gp in plan.pruned_groups:
-        single = Plan(tuple(g if g.key == gp.key else GroupPlan(g.key, g.size, tuple(range(g.size)))
-                            for g in plan.groups))
-        try:
-            _check_module(tf.slice_module(module, dg, single, exported), _apply(loaded, single), example_inputs)
-        except ValidationError as one:
-            return ValidationError(f"pruning group '{gp.key}' breaks the module: {one} "
-                                   f"(protect=['{gp.key.rsplit(':', 1)[0]}'] keeps it whole)")
-    return exc
 
 
 def export_plan(plan: Plan, path: str | os.PathLike) -> Path:
@@ -328,7 +289,7 @@ def prune(
 
             arrays = gradient_importance(module, criterion, data, loss_fn)
         if criterion in ACTIVATION_CRITERIA:
-            scores = _activation_scores(dg, criterion, stats, reduction, normalization, seed)
+            scores = _activation_scores(dg, criterion, stats, reduction, normalization)
         else:
             scores = score(dg, criterion, reduction, normalization, seed, arrays=arrays)
     ratios = _layerwise_ratios(dg, allocation, ratio, stats, kinds) if allocation in ("alpha", "owl") else None
@@ -356,9 +317,10 @@ def prune(
         if verify:
             with progress.step("verifying the module against the pruned ONNX model"):
                 try:
-                    _check_module(result.module, pruned, example_inputs)
+                    tf.check_module(result.module, pruned, example_inputs)
                 except ValidationError as exc:
-                    raise _blame_module_group(module, source_model, dg, plan, example_inputs, exported, exc) from exc
+                    raise tf.blame_module_group(module, source_model, dg, plan, example_inputs, exported, exc,
+                                               _apply) from exc
     if plan_out is not None:
         plan.to_json(plan_out)
     if output is not None:

@@ -18,7 +18,7 @@ log = logging.getLogger("spa")
 
 
 class ApplyContext:
-    """What a rule's fix-up may ask and do while a plan is applied."""
+    """What a rule's fix-up may ask and do while a plan is applied (``spa.ops.ApplyOps``)."""
 
     def __init__(self, model: ir.Model, dg: DependencyGraph, kept: dict[Dim, np.ndarray]):
         self.model = model
@@ -34,17 +34,18 @@ class ApplyContext:
         return self._kept.get(d)
 
     def old_size(self, d: Dim) -> int:
-        full = self.dg.full_sizes.get(d)
-        return full if isinstance(full, int) else int(self.dg.sizes[d])
+        full = self.dg.full_size(d)
+        return full if isinstance(full, int) else int(self.dg.size(d))
 
     def new_size(self, d: Dim) -> int:
         """New length of ``d``; a periodic axis (``batch*heads``) is its batch times the kept."""
         k = self._kept.get(d)
         if k is None:
             return self.old_size(d)
-        full = self.dg.full_sizes.get(d)
-        if isinstance(full, int):
-            return full // self.dg.periodic[d] * int(k.size)
+        full = self.dg.full_size(d)
+        period = self.dg.period(d)
+        if period is not None and isinstance(full, int):
+            return full // period * int(k.size)
         return int(k.size)
 
     def set_attr(self, node: ir.Node, name: str, value) -> None:
@@ -87,7 +88,7 @@ class ApplyContext:
 def _rescaled(entry, old_period: int, period: int):
     """A periodic axis ``4*batch`` that keeps ``period`` channels becomes ``period*batch``
     (a static ``8`` = 2 x 4 becomes ``2*period``)."""
-    from spa.rules.view import _factor
+    from spa.ops.view import _factor
 
     text = getattr(entry, "value", entry)
     if isinstance(text, int):
@@ -105,14 +106,15 @@ def _dtype(array: np.ndarray) -> ir.DataType:
 class ApplyPlanPass(ir.passes.InPlacePass):
     """Slice initializers, shrink value shapes and run fix-ups for every pruned group."""
 
-    def __init__(self, plan: Plan, strict: bool = True):
+    def __init__(self, plan: Plan, strict: bool = True, graph: DependencyGraph | None = None):
         super().__init__()
         self.plan = plan
         self.strict = strict
+        self.graph = graph  # the model's dependency graph, when the caller built it already
         self.pruned_keys: list[str] = []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        dg = DependencyGraph(model)
+        dg = self.graph if self.graph is not None and self.graph.model is model else DependencyGraph(model)
         groups = {g.key: g for g in dg.groups}
         kept: dict[Dim, np.ndarray] = {}
         for gp in self.plan.groups:
@@ -175,6 +177,7 @@ class ApplyPlanPass(ir.passes.InPlacePass):
                 dims = list(v.shape)
                 for axis, idx in cuts:
                     d = Dim(name, axis)
-                    dims[axis] = _rescaled(dims[axis], dg.periodic[d], int(idx.size)) if d in dg.periodic \
+                    period = dg.period(d)
+                    dims[axis] = _rescaled(dims[axis], period, int(idx.size)) if period is not None \
                         else int(idx.size)
                 v.shape = ir.Shape(dims)

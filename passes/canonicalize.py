@@ -13,15 +13,18 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 from onnxscript.optimizer import fold_constants
 
+from spa.depgraph import CANONICAL_MARK
+from spa.errors import run_pass
+from spa.ops import registry
 from spa.passes.complete_shapes import CompleteShapesPass
 from spa.passes.symbolic_shapes import SymbolicShapesPass
 
 log = logging.getLogger("spa")
 
 
-#: Ops that only convert or lay out a weight. Their output keeps the weight's values, and the
-#: dependency graph sees through them to the parameter name (``param_ref``).
-WEIGHT_VIEW_OPS = frozenset({"Cast", "Identity", "Transpose", "Unsqueeze", "Squeeze", "Reshape", "Flatten"})
+#: Ops that only convert or lay out a weight (their spec's ``weight_view``). Their output keeps
+#: the weight's values, and the dependency graph sees through them to the parameter name.
+WEIGHT_VIEW_OPS = registry.weight_view_ops()
 
 
 def _keep_weight_casts(node: ir.Node) -> bool | None:
@@ -99,13 +102,14 @@ class UntieUniformInitializersPass(ir.passes.InPlacePass):
 
 
 class CanonicalizePass(ir.passes.InPlacePass):
-    """Runs the canonicalization sequence in place."""
+    """Runs the canonicalization sequence in place and marks the model as canonical (analyses
+    refuse a model without the mark)."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         params = frozenset(name for name, v in model.graph.initializers.items()
                            if v.dtype is not None and v.dtype.is_floating_point())
         params |= frozenset(v.name for v in model.graph.inputs if v.name in model.graph.initializers)
-        seq = ir.passes.Sequential(
+        steps = (
             common.NameFixPass(),
             common.RemoveInitializersFromInputsPass(),
             common.InlinePass(),
@@ -121,5 +125,8 @@ class CanonicalizePass(ir.passes.InPlacePass):
             SymbolicShapesPass(),
             CompleteShapesPass(),
         )
-        result = seq(model)
-        return ir.passes.PassResult(model, result.modified)
+        modified = False
+        for step in steps:  # one at a time, so an upstream failure names its pass
+            modified |= run_pass(step, model, "canonicalization").modified
+        model.meta[CANONICAL_MARK] = True
+        return ir.passes.PassResult(model, modified)

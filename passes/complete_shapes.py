@@ -16,39 +16,15 @@ from __future__ import annotations
 import onnx_ir as ir
 import onnx_ir.passes.common  # ShapeInferencePass
 
-from spa.rules.elementwise import UNARY_OPS
-
-SAME_SHAPE_OPS = UNARY_OPS | frozenset(
-    """BatchNormalization InstanceNormalization GroupNormalization LayerNormalization Softmax LogSoftmax
-    Hardmax LpNormalization LRN MeanVarianceNormalization PRelu""".split()
-)
+from spa.ops import model_opsets, spec_of
 
 
-#: onnxruntime's fused normalizations: output 0 (and the sum, output 3) keep the input's shape.
-MS_SAME_SHAPE_OPS = frozenset(
-    "LayerNormalization SimplifiedLayerNormalization SkipLayerNormalization SkipSimplifiedLayerNormalization".split()
-)
-
-
-def _partial(node: ir.Node) -> ir.Shape | None:
-    x = node.inputs[0] if node.inputs else None
-    if node.domain == "com.microsoft" and node.op_type in MS_SAME_SHAPE_OPS and x is not None:
-        return x.shape
-    if node.domain not in ("", "ai.onnx") or x is None:
+def _completed(node: ir.Node, opsets: dict) -> list | None:
+    """Output shapes from the op spec's shape completion (None entries: leave as they are)."""
+    spec = spec_of(node, opsets)
+    if spec is None or spec.shape is None:
         return None
-    if node.op_type in SAME_SHAPE_OPS:
-        return x.shape
-    w = node.inputs[1] if len(node.inputs) > 1 else None
-    if node.op_type in ("Conv", "ConvTranspose") and w is not None and w.shape is not None:
-        rank = len(w.shape)
-        channels = w.shape[0]
-        if node.op_type == "ConvTranspose":
-            group = node.attributes.get("group")
-            g = group.value if group is not None else 1
-            channels = w.shape[1] * g if isinstance(w.shape[1], int) else None
-        batch = x.shape[0] if x.shape is not None else None
-        return ir.Shape([batch, channels] + [None] * (rank - 2))
-    return None
+    return spec.shape(node)
 
 
 def _entry(d):
@@ -139,14 +115,13 @@ class CompleteShapesPass(ir.passes.InPlacePass):
             modified = True
             _forget_generated_symbols(model, solved_values)
             ir.passes.common.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
+        opsets = model_opsets(model)
         for node in model.graph:
             out = node.outputs[0] if node.outputs else None
             if out is None or out.shape is not None:
                 continue
-            shape = _partial(node)
-            if shape is not None:
-                out.shape = shape
-                modified = True
-                if node.op_type.startswith("Skip") and len(node.outputs) > 3 and node.outputs[3] is not None:
-                    node.outputs[3].shape = shape
+            for v, shape in zip(node.outputs, _completed(node, opsets) or []):
+                if v is not None and shape is not None and v.shape is None:
+                    v.shape = shape if isinstance(shape, ir.Shape) else ir.Shape(shape)
+                    modified = True
         return ir.passes.PassResult(model, modified)

@@ -47,12 +47,6 @@ def _run(model: ir.Model, input_shapes, seed: int = 0):
     return sess, feeds, sess.run(None, feeds)
 
 
-def _ort_error_types():
-    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, InvalidGraph, NotImplemented
-
-    return (Fail, InvalidArgument, InvalidGraph, NotImplemented, RuntimeError)
-
-
 def verify(model: ir.Model, reference: ir.Model | None = None, input_shapes: dict | None = None,
            run: bool = True) -> VerifyReport:
     """Raise ValidationError unless ``model`` is valid and, when run, keeps ``reference``'s
@@ -62,7 +56,7 @@ def verify(model: ir.Model, reference: ir.Model | None = None, input_shapes: dic
     report.checker = True
     if not run:
         return report
-    errors = _ort_error_types()
+    errors = runtime.ort_errors()
     ref_shapes = None
     if reference is not None:
         try:
@@ -81,6 +75,8 @@ def verify(model: ir.Model, reference: ir.Model | None = None, input_shapes: dic
     names = [o.name for o in sess.get_outputs()]
     report.output_shapes = {n: tuple(o.shape) for n, o in zip(names, out)}
     if ref_shapes is not None:
+        if len(out) != len(ref_shapes):
+            raise ValidationError(f"the rewritten model has {len(out)} outputs, the input model {len(ref_shapes)}")
         for n, o, r in zip(names, out, ref_shapes):
             if tuple(o.shape) != tuple(r):
                 raise ValidationError(f"graph output '{n}' changed shape: {tuple(r)} -> {tuple(o.shape)}")

@@ -16,13 +16,12 @@ or step by step::
 from __future__ import annotations
 
 from spa.api import (
-    PruneResult,
     apply_plan,
+    collect_stats,
     dependency_graph,
     export_plan,
     load,
     make_plan,
-    prune,
     save,
     score,
 )
@@ -30,6 +29,7 @@ from spa.depgraph import Barrier, DependencyGraph
 from spa.dims import Dim, IndexMap
 from spa.errors import (
     ArgumentError,
+    EquivalenceError,
     FrontendError,
     PlanError,
     SpaError,
@@ -37,13 +37,14 @@ from spa.errors import (
     ValidationError,
 )
 from spa.groups import BlockedGroup, Group, Member
+from spa.pipeline import PruneResult, prune
 from spa.plan import GroupPlan, Plan
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ArgumentError", "Barrier", "BlockedGroup", "DependencyGraph", "Dim", "FrontendError", "Group",
-    "GroupPlan", "IndexMap", "Member", "Plan", "PlanError", "PruneResult", "SpaError",
-    "UnsupportedModelError", "ValidationError", "apply_plan", "dependency_graph", "export_plan", "load",
-    "make_plan", "prune", "save", "score",
+    "ArgumentError", "Barrier", "BlockedGroup", "DependencyGraph", "Dim", "EquivalenceError", "FrontendError",
+    "Group", "GroupPlan", "IndexMap", "Member", "Plan", "PlanError", "PruneResult", "SpaError",
+    "UnsupportedModelError", "ValidationError", "apply_plan", "collect_stats", "dependency_graph", "export_plan",
+    "load", "make_plan", "prune", "save", "score",
 ]

@@ -10,7 +10,8 @@ import tempfile
 from pathlib import Path
 
 from spa.errors import ArgumentError, SpaError
-from spa.importance import CRITERIA, NORMALIZATIONS, REDUCTIONS
+from spa.criteria import names as criterion_names
+from spa.criteria.registry import NORMALIZATIONS, REDUCTIONS
 from spa.progress import Progress
 
 
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("model")
     pr.add_argument("-o", "--output", required=True)
     pr.add_argument("--ratio", type=float, required=True, help="fraction of channels to remove, in [0, 1)")
-    pr.add_argument("--criterion", default="l1", choices=CRITERIA,
+    pr.add_argument("--criterion", default="l1", choices=criterion_names(),
                     help="l1/l2/random/bn (weights); wanda/flap/obspa (activations: see --calibration); "
                          "taylor/snip/grasp need an nn.Module (Python API)")
     pr.add_argument("--calibration", default=None, metavar="gaussian|DIR",
@@ -77,7 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "(q), or both (default: kv)")
     pr.add_argument("--plan-out", metavar="FILE", help="write the plan as JSON (for spa apply)")
     pr.add_argument("--seed", type=int, default=0, help="seed of the random criterion")
-    pr.add_argument("--no-verify", action="store_true", help="skip the onnxruntime run (the checker still runs)")
+    pr.add_argument("--no-verify", action="store_true",
+                    help="skip the onnxruntime runs and the equivalence check (the checker still runs)")
+    eqv = pr.add_mutually_exclusive_group()
+    eqv.add_argument("--no-check-equivalence", dest="check_equivalence", action="store_false", default=None,
+                     help="skip comparing the pruned model with the masked dense model (one run still checks shapes)")
+    eqv.add_argument("--check-equivalence", dest="check_equivalence", action="store_true",
+                     help="run the equivalence check even above the size limit (1 GiB of weights)")
+    pr.add_argument("--report", metavar="FILE", help="write the prune summary (equivalence, fidelity) as JSON")
     _add_shape_arg(pr)
 
     ap = sub.add_parser("apply", help="apply a JSON plan to a model")
@@ -128,6 +136,7 @@ def _cmd_prune(args) -> int:
         protect=args.protect, kinds=args.kinds, gqa=args.gqa, seed=args.seed, calibration=args.calibration,
         calibration_batches=args.calibration_batches, allocation=args.allocation, output=args.output, plan_out=args.plan_out,
         input_shapes=_input_shapes(args.input_shape), progress=prog, verify=True, run=not args.no_verify,
+        check_equivalence=args.check_equivalence, report=args.report,
     )
     pruned = len(result.plan.pruned_groups)
     removed = sum(g.removed for g in result.plan.groups)
@@ -137,10 +146,12 @@ def _cmd_prune(args) -> int:
     from spa.report import table
 
     shapes = _input_shapes(args.input_shape)
-    before, after = result.graph.model, result.model
+    before, after = result.dense, result.model
     rows = [[name, f"{fn(before):,}", f"{fn(after):,}", f"{fn(after) / max(fn(before), 1):.3f}"]
             for name, fn in (("params", count_params), ("MACs", lambda m: count_macs(m, shapes)))]
     print(table(["", "before", "after", "ratio"], rows, "lrrr"))
+    if result.equivalence is not None and not result.equivalence.skipped:
+        print(f"check: {result.equivalence.summary()}")
     for note in result.notes:
         print(f"note: {note}")
     return 0

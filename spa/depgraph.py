@@ -15,16 +15,29 @@ import numpy as np
 import onnx_ir as ir
 
 from spa.dims import Dim
+from spa.errors import UnsupportedModelError
 from spa.groups import BlockedGroup, Group, HeadInfo, Member
-from spa.rules import Edge, Fixup, RuleContext, RuleOutput, RuleRefusal, lookup
-from spa.rules.registry import static_size
+from spa.ops import Edge, Fixup, RuleContext, RuleOutput, RuleRefusal, model_opsets, spec_of
+from spa.ops.context import static_size
 
 log = logging.getLogger("spa")
 
-_PASSTHROUGH_PARAM_OPS = frozenset({"Identity", "Cast", "Dropout", "Transpose", "Unsqueeze", "Squeeze",
-                                    "Reshape", "Flatten"})
-_VIEW_PARAM_OPS = frozenset({"Unsqueeze", "Squeeze", "Reshape", "Flatten"})
 _GRAPH_ATTRS = (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+#: Set on ``model.meta`` by ``CanonicalizePass``: analyses refuse models without it.
+CANONICAL_MARK = "spa.canonical"
+
+
+@dataclass(slots=True)
+class DimFacts:
+    """Everything the rules said about one dim."""
+
+    size: int | str | None = None
+    blocked: str | None = None  # why it cannot be pruned
+    role: tuple[str, str] | None = None  # (role, node) of a parameter dim
+    inexact: bool = False  # pruning it changes outputs beyond masking
+    period: int | None = None  # a folded ``batch*heads`` axis: channel i is i % period
+    full_size: int | str | None = None  # shape entry of a periodic dim (its size is the period)
+    tag: str | None = None  # "heads", "hidden": what the dim is, for reports
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,25 +86,74 @@ def _label_components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 class DependencyGraph:
-    """Dims, couplings, blocks and groups of one ``onnx_ir.Model``."""
+    """Dims, couplings, blocks and groups of one canonicalized ``onnx_ir.Model``.
+
+    Per-dim facts live in one record per dim (:class:`DimFacts`, ``dg.facts``); the rule edges
+    are the edges of ``dg.graph`` (networkx). Build it with ``spa.dependency_graph``.
+    """
 
     def __init__(self, model):
+        if not model.meta.get(CANONICAL_MARK):
+            raise UnsupportedModelError(
+                "the dependency graph needs a canonicalized model: load it with spa.load(...) (or pass "
+                "the path to spa.dependency_graph), which inlines functions, folds constants and infers shapes")
         self.model = model
+        self.opsets = model_opsets(model)
         self.graph = nx.Graph()
-        self.sizes: dict[Dim, int | str | None] = {}
-        self.blocked: dict[Dim, str] = {}
-        self.roles: dict[Dim, tuple[str, str]] = {}
+        self.facts: dict[Dim, DimFacts] = {}
         self.fixups: list[Fixup] = []
         self.barriers: list[Barrier] = []
         self.edges: list[Edge] = []
-        self.inexact: set[Dim] = set()
-        self.periodic: dict[Dim, int] = {}
-        self.full_sizes: dict[Dim, int | str | None] = {}  # shape entries of periodic dims
-        self.tags: dict[Dim, str] = {}
+        self.rule_errors: list[Barrier] = []  # rules that raised: a bug in SPA, reported loudly
         self._barrier_dims: list[tuple[Barrier, list[Dim]]] = []
         self.order: dict[str, int] = {}
-        self.values = {}
+        self.values: dict[str, ir.Value] = {}
         self._build()
+
+    # ---- per-dim facts -------------------------------------------------------------------
+    def _f(self, d: Dim) -> DimFacts:
+        f = self.facts.get(d)
+        if f is None:
+            f = self.facts[d] = DimFacts()
+        return f
+
+    def size(self, d: Dim) -> int | str | None:
+        """Size of ``d`` in its group (a periodic dim: its period)."""
+        f = self.facts.get(d)
+        return f.size if f is not None else None
+
+    def blocked_reason(self, d: Dim) -> str | None:
+        f = self.facts.get(d)
+        return f.blocked if f is not None else None
+
+    def role(self, d: Dim) -> tuple[str, str] | None:
+        f = self.facts.get(d)
+        return f.role if f is not None else None
+
+    def period(self, d: Dim) -> int | None:
+        f = self.facts.get(d)
+        return f.period if f is not None else None
+
+    def full_size(self, d: Dim) -> int | str | None:
+        """Shape entry of ``d`` (differs from ``size`` for a periodic dim)."""
+        f = self.facts.get(d)
+        if f is None:
+            return None
+        return f.full_size if f.period is not None else f.size
+
+    def weights(self, name: str):
+        """The numpy value of initializer ``name``."""
+        return self.values[name].const_value.numpy()
+
+    def _set_size(self, d: Dim, size) -> None:
+        f = self._f(d)
+        if f.size is None and size is not None:
+            f.size = size
+
+    def _block(self, d: Dim, reason: str) -> None:
+        f = self._f(d)
+        if f.blocked is None:
+            f.blocked = reason
 
     # ---- construction --------------------------------------------------------------------
     def _touched(self, node) -> list[Dim]:
@@ -100,13 +162,12 @@ class DependencyGraph:
             if v is not None and v.name and v.shape is not None:
                 for a, s in enumerate(v.shape):
                     d = Dim(v.name, a)
-                    self.sizes.setdefault(d, static_size(s))
+                    self._set_size(d, static_size(s))
                     dims.append(d)
         return dims
 
     def _build(self) -> None:
         graph = self.model.graph
-        opset = self.model.opset_imports.get("", 13)
         for i, v in enumerate(graph.inputs):
             self.values[v.name] = v
             self.order[v.name] = i
@@ -119,20 +180,22 @@ class DependencyGraph:
             for v in node.outputs:
                 self.order[v.name] = base + 2 * k + 1
                 self.values[v.name] = v
-            self._apply_rule(node, opset, base + 2 * k + 1)
+            self._apply_rule(node, base + 2 * k + 1)
         for v in graph.inputs:
             self._block_value(v, f"graph input '{v.name}'")
         for v in graph.outputs:
             self._block_value(v, f"graph output '{v.name}'")
         self._spread_periods()
-        self.graph.add_nodes_from(self.sizes)
+        self.graph.add_nodes_from(self.facts)
         for e in self.edges:
             self.graph.add_edge(e.src, e.dst, edge=e)
 
     def _spread_periods(self) -> None:
         """A periodic dim's period passes along identity ties to dims of the same symbolic size
         (Transpose, MatMul batch axes); each is then sized by its period."""
-        full = {d: self.sizes.get(d) for d in self.periodic}
+        periodic = {d: f for d, f in self.facts.items() if f.period is not None}
+        for f in periodic.values():
+            f.full_size = f.size
         changed = True
         while changed:
             changed = False
@@ -140,69 +203,78 @@ class DependencyGraph:
                 if e.map.kind != "identity":
                     continue
                 for a, b in ((e.src, e.dst), (e.dst, e.src)):
-                    if a in self.periodic and b not in self.periodic and full[a] is not None \
-                            and self.sizes.get(b) == full[a]:
-                        self.periodic[b] = self.periodic[a]
-                        full[b] = full[a]
+                    fa, fb = self.facts.get(a), self._f(b)
+                    if fa is not None and fa.period is not None and fb.period is None \
+                            and fa.full_size is not None and fb.size == fa.full_size:
+                        fb.period, fb.full_size = fa.period, fa.full_size
+                        periodic[b] = fb
                         changed = True
-        self.full_sizes = full
-        for d, p in self.periodic.items():
-            self.sizes[d] = p
+        for f in periodic.values():
+            f.size = f.period
 
     def _block_value(self, v, reason: str) -> None:
         if v.shape is None:
             return
         for a, s in enumerate(v.shape):
             d = Dim(v.name, a)
-            self.sizes.setdefault(d, static_size(s))
-            self.blocked.setdefault(d, reason)
+            self._set_size(d, static_size(s))
+            self._block(d, reason)
 
-    def _apply_rule(self, node, opset: int, order: int) -> None:
+    def _apply_rule(self, node, order: int) -> None:
         touched = self._touched(node)
         out = RuleOutput()
+        spec = spec_of(node, self.opsets)
+        opset = self.opsets.get(node.domain if node.domain not in ("", "ai.onnx") else "", 1)
         ctx = RuleContext(node, opset, out)
         reason = None
+        dom = f"{node.domain}::" if node.domain not in ("", "ai.onnx") else ""
         if any(a.type in _GRAPH_ATTRS for a in node.attributes.values()):
             reason = "control flow with subgraphs is not analysed"
             self._block_captured(node)
+        elif spec is None or spec.rule is None:
+            reason = f"no rule for op {dom}{node.op_type} (opset {opset}); unknown ops are never assumed elementwise"
         else:
-            rule = lookup(node.domain, node.op_type)
-            if rule is None:
-                dom = f"{node.domain}::" if node.domain else ""
-                reason = f"no rule for op {dom}{node.op_type}; unknown ops are never assumed elementwise"
-            else:
-                try:
-                    rule(ctx)
-                except RuleRefusal as exc:
-                    reason = str(exc)
-                except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
-                    reason = f"rule error ({type(exc).__name__}: {exc})"
-                    log.debug("rule for %s '%s' failed", node.op_type, ctx.name, exc_info=True)
+            try:
+                spec.rule(ctx)
+            except RuleRefusal as exc:
+                reason = str(exc)
+            except (KeyError, IndexError, TypeError, ValueError, AttributeError, ZeroDivisionError) as exc:
+                # A rule that raises is a bug in SPA: the node becomes a barrier (so nothing
+                # wrong is pruned) and the user hears of it, not only at debug level.
+                reason = f"rule error ({type(exc).__name__}: {exc}); please report this model"
+                log.warning("the rule for %s%s '%s' failed (%s: %s); its axes are blocked",
+                            dom, node.op_type, ctx.name, type(exc).__name__, exc)
+                log.debug("rule traceback", exc_info=True)
+                self.rule_errors.append(Barrier(ctx.name, node.op_type, node.domain, reason))
         if reason is not None:
             barrier = Barrier(ctx.name, node.op_type, node.domain, reason)
             self.barriers.append(barrier)
             self._barrier_dims.append((barrier, touched))
             for d in touched:
-                self.blocked.setdefault(d, f"{node.op_type} '{ctx.name}': {reason}")
+                self._block(d, f"{node.op_type} '{ctx.name}': {reason}")
             return
         for d in touched:
             if d not in out.mentioned:
-                self.blocked.setdefault(d, f"axis {d.axis} of '{d.value}' is not carried through {node.op_type} '{ctx.name}'")
+                self._block(d, f"axis {d.axis} of '{d.value}' is not carried through {node.op_type} '{ctx.name}'")
         for d, s in out.sizes.items():
-            self.sizes.setdefault(d, s)
+            self._set_size(d, s)
             if d.virtual:
                 self.order[d.value] = order
         self.edges.extend(out.edges)
-        for d, reason in out.blocked.items():
-            self.blocked.setdefault(d, reason)
+        for d, why in out.blocked.items():
+            self._block(d, why)
         for d, role in out.roles.items():
-            self.roles.setdefault(d, role)
+            f = self._f(d)
+            f.role = f.role or role
         self.fixups.extend(out.fixups)
-        self.inexact |= out.inexact
+        for d in out.inexact:
+            self._f(d).inexact = True
         for d, p in out.periods.items():
-            self.periodic.setdefault(d, p)
+            f = self._f(d)
+            f.period = f.period or p
         for d, t in out.tags.items():
-            self.tags.setdefault(d, t)
+            f = self._f(d)
+            f.tag = f.tag or t
 
     def _block_captured(self, node) -> None:
         """Values of the outer graph read inside a subgraph cannot change shape."""
@@ -223,13 +295,13 @@ class DependencyGraph:
 
     # ---- queries ----------------------------------------------------------------------------
     def param_source(self, d: Dim) -> str | None:
-        """Initializer whose values this dim indexes (through Identity/Cast/Transpose), if any."""
+        """Initializer whose values this dim indexes (through weight views), if any."""
         ref = self.param_ref(d)
         return ref[0] if ref else None
 
     def param_ref(self, d: Dim) -> tuple[str, int] | None:
-        """(initializer, axis of it) that dim ``d`` indexes, seen through Identity, Cast,
-        Dropout and Transpose (exporters transpose Linear weights at run time)."""
+        """(initializer, axis of it) that dim ``d`` indexes, seen through the ops whose spec
+        says they only view a weight (Identity, Cast, Dropout, Transpose, Reshape, ...)."""
         if d.virtual:
             return None
         v, axis = self.values.get(d.value), d.axis
@@ -237,13 +309,14 @@ class DependencyGraph:
             if v.const_value is not None:
                 return v.name, axis
             prod = v.producer()
-            if prod is None or prod.op_type not in _PASSTHROUGH_PARAM_OPS or not prod.inputs:
+            spec = spec_of(prod, self.opsets) if prod is not None else None
+            if spec is None or spec.weight_view is None or not prod.inputs:
                 return None
-            if prod.op_type in _VIEW_PARAM_OPS:
+            if spec.weight_view == "reshape":
                 axis = _view_source_axis(prod.inputs[0], v, axis)
                 if axis is None:
                     return None
-            elif prod.op_type == "Transpose":
+            elif spec.weight_view == "transpose":
                 perm = prod.attributes.get("perm")
                 src = prod.inputs[0]
                 rank = len(src.shape) if src.shape is not None else None
@@ -275,17 +348,17 @@ class DependencyGraph:
         groups: list[Group] = []
         blocked: list[BlockedGroup] = []
         for ci, comp in enumerate(self._components):
-            params = [d for d in comp if d in self.roles and self.param_source(d)]
+            params = [d for d in comp if self.role(d) and self.param_source(d)]
             if not params:
                 continue
-            anchor = next((d for d in params if self.roles[d][0] == "out"), params[0])
+            anchor = next((d for d in params if self.role(d)[0] == "out"), params[0])
             # Keyed by the initializer (Identity/Cast keep axes): names the real parameter.
             name, axis = self.param_ref(anchor)
             key = f"{name}:{axis}"
-            nodes = tuple(dict.fromkeys(self.roles[d][1] for d in params))
-            reason = next((f"{d}: {self.blocked[d]}" for d in comp if d in self.blocked), None)
+            nodes = tuple(dict.fromkeys(self.role(d)[1] for d in params))
+            reason = next((f"{d}: {self.blocked_reason(d)}" for d in comp if self.blocked_reason(d)), None)
             if reason is None:
-                unsized = next((d for d in comp if not isinstance(self.sizes.get(d), int)), None)
+                unsized = next((d for d in comp if not isinstance(self.size(d), int)), None)
                 if unsized is not None:
                     reason = f"{unsized}: size cannot be resolved statically"
             if reason is None:
@@ -294,7 +367,7 @@ class DependencyGraph:
                     if group.size > 1:
                         groups.append(group)
                     continue
-            blocked.append(BlockedGroup(key, self.sizes.get(anchor), reason, nodes))
+            blocked.append(BlockedGroup(key, self.size(anchor), reason, nodes))
         return tuple(groups), tuple(blocked)
 
     def _make_group(self, gid: int, key: str, comp: list[Dim], edges: list[Edge]):
@@ -302,10 +375,10 @@ class DependencyGraph:
         n = 0
         for d in comp:
             base[d] = n
-            n += int(self.sizes[d])
+            n += int(self.size(d))
         src, dst = [], []
         for e in edges:
-            ns, nd = int(self.sizes[e.src]), int(self.sizes[e.dst])
+            ns, nd = int(self.size(e.src)), int(self.size(e.dst))
             idx = np.arange(ns)
             j = e.map.apply(idx)
             ok = ns == 0 or (j.min() >= 0 and j.max() < nd)
@@ -327,19 +400,19 @@ class DependencyGraph:
         slots = self._slots(n, base, edges, src, dst)
         members = []
         for d in comp:
-            role = self.roles.get(d)
+            role = self.role(d)
             members.append(
                 Member(
                     dim=d,
-                    channel=channel_of_label[labels[base[d] : base[d] + int(self.sizes[d])]],
+                    channel=channel_of_label[labels[base[d] : base[d] + int(self.size(d))]],
                     role=role[0] if role else None,
                     node=role[1] if role else None,
                     param=self.param_source(d) if role else None,
                     param_axis=self.param_ref(d)[1] if role and self.param_ref(d) else None,
-                    slot=None if slots is None else slots[base[d]: base[d] + int(self.sizes[d])],
+                    slot=None if slots is None else slots[base[d]: base[d] + int(self.size(d))],
                 )
             )
-        exact = not any(d in self.inexact for d in comp)
+        exact = not any(self.facts[d].inexact for d in comp)
         group = Group(gid, key, int(uniq.size), tuple(members), exact)
         return replace(group, kind=self._kind(group), heads=self._heads(group, edges, slots is not None)), None
 
@@ -374,20 +447,25 @@ class DependencyGraph:
         """Heads of an attention group: query heads (the widest heads axis), KV groups (the
         group's channels) and head_dim (the block size of the reshape that split a projection
         into heads; the block size of GQA's K/V repeat is told apart by its heads-sized source)."""
-        sizes = {m.size for m in group.members if self.tags.get(m.dim) == "heads"}
+        sizes = {m.size for m in group.members if self._tag(m.dim) == "heads"}
         if not sizes:
             return None
         head_sizes = sizes | {group.size}
         splits = [e.map.k for e in edges if e.map.kind == "block"
-                  and self.sizes.get(e.src) not in head_sizes and self.sizes.get(e.dst) in head_sizes]
+                  and self.size(e.src) not in head_sizes and self.size(e.dst) in head_sizes]
         q_heads = max(sizes)
         return HeadInfo(q_heads=q_heads, kv_groups=group.size, head_dim=min(splits) if splits else 0,
                         slots=q_heads // group.size if slots else 0)
 
+    def _tag(self, d: Dim) -> str | None:
+        f = self.facts.get(d)
+        return f.tag if f is not None else None
+
     def _kind(self, group: Group) -> str:
-        if any(self.tags.get(m.dim) == "heads" for m in group.members):
+        tags = {self._tag(m.dim) for m in group.members}
+        if "heads" in tags:
             return "heads"
-        if not group.exact:  # a normalization (LayerNorm, RMSNorm's mean) runs over it
+        if "hidden" in tags:  # a normalization over the stream (LayerNorm, RMSNorm's mean)
             return "hidden"
         return "channels"
 
@@ -413,10 +491,50 @@ class DependencyGraph:
                 return g
         return None
 
+    def lint(self) -> list[str]:
+        """Invariants of the graph and its groups; the problems found (empty when sound)."""
+        problems = []
+        for e in self.edges:
+            ns, nd = self.size(e.src), self.size(e.dst)
+            if e.src not in self.facts or e.dst not in self.facts:
+                problems.append(f"edge {e.src} -> {e.dst} ({e.op} '{e.node}') has a dim without facts")
+            elif isinstance(ns, int) and isinstance(nd, int):
+                if e.map.kind == "identity" and ns != nd and not self.blocked_reason(e.src):
+                    problems.append(f"identity edge {e.src} ({ns}) -> {e.dst} ({nd}) of {e.op} '{e.node}'")
+        seen: dict[Dim, str] = {}
+        keys = set()
+        for g in self.groups:
+            if g.key in keys:
+                problems.append(f"group key '{g.key}' is not unique")
+            keys.add(g.key)
+            covered = np.zeros(g.size, dtype=bool)
+            for m in g.members:
+                if m.dim in seen:
+                    problems.append(f"{m.dim} is in groups '{seen[m.dim]}' and '{g.key}'")
+                seen[m.dim] = g.key
+                if self.blocked_reason(m.dim):
+                    problems.append(f"group '{g.key}' holds blocked dim {m.dim}")
+                if m.size != self.size(m.dim):
+                    problems.append(f"member {m.dim} of '{g.key}' has {m.size} indices, its dim {self.size(m.dim)}")
+                if m.size and (m.channel.min() < 0 or m.channel.max() >= g.size):
+                    problems.append(f"member {m.dim} of '{g.key}' maps outside 0..{g.size - 1}")
+                covered[m.channel] = True
+                if m.param is not None:
+                    w = self.values.get(m.param)
+                    shape = None if w is None or w.const_value is None else tuple(w.const_value.shape.numpy())
+                    if shape is None or not 0 <= (m.param_axis or 0) < len(shape):
+                        problems.append(f"member {m.dim} of '{g.key}' names parameter '{m.param}' it cannot read")
+                    elif self.period(m.dim) is None and shape[m.param_axis] != m.size:
+                        problems.append(f"member {m.dim} of '{g.key}': '{m.param}' axis {m.param_axis} has "
+                                        f"{shape[m.param_axis]} entries, the member {m.size}")
+            if not covered.all():
+                problems.append(f"group '{g.key}' has channels no member holds")
+        return problems
+
     def relevant_barriers(self) -> list[Barrier]:
         """Barriers that touch a component holding a parameter axis (not only shape math)."""
         param_dims = {d for comp in self._components
-                      if any(x in self.roles and self.param_source(x) for x in comp) for d in comp}
+                      if any(self.role(x) and self.param_source(x) for x in comp) for d in comp}
         return [b for b, dims in self._barrier_dims if any(d in param_dims for d in dims)]
 
     def explain(self, a: Dim, b: Dim) -> list[str]:

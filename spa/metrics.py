@@ -1,4 +1,4 @@
-"""Parameter and MAC counts of an ONNX model (MACs of Conv, ConvTranspose, Gemm and MatMul)."""
+"""Parameter and MAC counts of an ONNX model (MACs: each op spec's ``macs``, see ``spa.ops``)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import math
 import onnx
 import onnx_ir as ir
 
+from spa.ops import model_opsets, spec_of
 from spa.runtime import concrete_shape
 
 _FLOAT = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
@@ -48,7 +49,6 @@ def _static_shapes(model: ir.Model, input_shapes: dict | None) -> dict[str, tupl
     return shapes
 
 
-_MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 def _run_shapes(model: ir.Model, names: list[str], input_shapes: dict | None) -> dict[str, tuple[int, ...]]:
@@ -64,24 +64,18 @@ def _run_shapes(model: ir.Model, names: list[str], input_shapes: dict | None) ->
 def count_macs(model: ir.Model, input_shapes: dict | None = None) -> int:
     """Multiply-accumulates of one forward pass with concrete input shapes."""
     shapes = _static_shapes(model, input_shapes)
-    missing = [v.name for node in model.graph if node.op_type in _MAC_OPS
-               for v in (node.inputs[0], node.outputs[0]) if v is not None and v.name not in shapes]
+    opsets = model_opsets(model)
+    counted = [(node, spec.macs) for node in model.graph
+               if (spec := spec_of(node, opsets)) is not None and spec.macs is not None]
+    missing = [v.name for node, _ in counted for v in (node.inputs[0], node.outputs[0])
+               if v is not None and v.name not in shapes]
     if missing:
         shapes.update(_run_shapes(model, list(dict.fromkeys(missing)), input_shapes))
     total = 0
-    for node in model.graph:
+    for node, macs in counted:
         ins = [shapes.get(v.name) if v is not None else None for v in node.inputs]
         outs = [shapes.get(v.name) for v in node.outputs]
-        op = node.op_type
-        if op == "Conv" and outs[0] and ins[1]:
-            total += math.prod(outs[0]) * math.prod(ins[1][1:])
-        elif op == "ConvTranspose" and ins[0] and ins[1]:
-            total += math.prod(ins[0]) * math.prod(ins[1][1:])
-        elif op == "Gemm" and ins[0] and outs[0]:
-            k = ins[0][0] if node.attributes.get("transA") and node.attributes["transA"].value else ins[0][1]
-            total += math.prod(outs[0]) * k
-        elif op == "MatMul" and ins[0] and outs[0]:
-            total += math.prod(outs[0]) * ins[0][-1]
+        total += macs(node, ins, outs) or 0
     return int(total)
 
 

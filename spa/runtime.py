@@ -54,6 +54,13 @@ def session_exposing(model, names, optimize: bool = False):
     return session(proto, optimize=optimize)
 
 
+def ort_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions onnxruntime raises for a model it cannot load or run."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, InvalidGraph, NotImplemented
+
+    return (Fail, InvalidArgument, InvalidGraph, NotImplemented, RuntimeError)
+
+
 def concrete_shape(name: str, shape, overrides: dict | None = None) -> tuple[int, ...]:
     """Replace symbolic dims: batch (axis 0) -> 1; sequence-like -> 16; spatial (rank 4) -> 64."""
     if overrides and name in overrides:

@@ -9,8 +9,9 @@ from helpers import build, feeds_for, run
 
 import spa
 from spa.calibration import batches
-from spa.passes.activations import collect, consumers
-from spa.passes.obs import obs_select, wanda_scores
+from spa.calibration.activations import collect, consumers
+from spa.criteria.obspa import obs_select
+from spa.criteria.wanda import wanda_scores
 
 HEAD = '<ir_version: 9, opset_import: ["" : 18]>\n'
 MLP = HEAD + """g (float[N,12] x, float[12,16] w1, float[16] b1, float[16,5] w2) => (float[N,5] y)
@@ -60,7 +61,7 @@ def test_obs_update_is_the_least_squares_optimum_for_one_removed_channel():
 def test_obs_loss_of_a_set_matches_its_definition():
     model = spa.load(build(MLP))
     dg, g, cons, hs = _stats(model, _feeds(model))
-    from spa.passes.obs import _Layer
+    from spa.criteria.obspa import _Layer
 
     layer = _Layer(cons[0], model.graph.initializers["w2"].const_value.numpy(), hs[cons[0].key], g.size)
     q = np.array([3, 7])
@@ -165,12 +166,15 @@ def test_flap_folds_the_removed_mean_into_the_bias():
     dg = spa.dependency_graph(model)
     g = dg.group("w1:1")
     plan = spa.Plan((spa.GroupPlan(g.key, 8, tuple(k for k in range(8) if k != 2)),))
-    from spa.passes.obs import collect_stats, flap_compensate, flap_scores
+    from spa.criteria.flap import flap_compensate, flap_scores
 
-    cons, hs = collect_stats(model, dg, calib)
-    assert np.argmin(flap_scores(g, cons[g.key], lambda n: dg.values[n].const_value.numpy(), hs)) == 2
-    updates = flap_compensate(dg, plan, cons, hs)
-    pruned = spa.apply_plan(spa.api._with_initializers(model, updates), plan)
+    stats = spa.collect_stats(dg, calib)
+    assert np.argmin(flap_scores(g, stats.consumers[g.key], dg.weights, stats.moments)) == 2
+    _, updates = flap_compensate(dg, plan, stats)
+    compensated = spa.api.clone(model)
+    for name, arr in updates.items():
+        compensated.graph.initializers[name].const_value = spa.api.ir.tensor(arr, name=name)
+    pruned = spa.apply_plan(compensated, plan)
     test = {"x": np.random.default_rng(5).standard_normal((10, 6)).astype(np.float32)}
     np.testing.assert_allclose(run(pruned, test)[0], run(model, test)[0], atol=1e-4)
 
@@ -191,7 +195,7 @@ def test_layerwise_allocations_keep_the_target():
         per_group = [gp.removed / gp.size for gp in result.plan.groups]
         assert max(per_group) - min(per_group) > 0.05  # not uniform
         sizes = sizes or total
-    from spa.passes.layerwise import fit_target, hill_alpha
+    from spa.allocation.layerwise import fit_target, hill_alpha
 
     r = fit_target(np.array([10.0, 30.0]), np.array([0.1, 0.9]), 0.5)
     assert np.isclose((r * [10, 30]).sum() / 40, 0.5, atol=1e-6)

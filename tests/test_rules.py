@@ -7,7 +7,7 @@ from helpers import build, check_masked_equivalence, dims_of, groups_of, single_
 
 import spa
 from spa.dims import Dim
-from spa.rules.elementwise import UNARY_OPS
+from spa.ops.elementwise import UNARY_OPS
 
 HEAD = '<ir_version: 8, opset_import: ["" : 17]>\n'
 

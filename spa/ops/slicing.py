@@ -7,8 +7,9 @@ from __future__ import annotations
 import numpy as np
 
 from spa.dims import offset
-from spa.rules.elementwise import couple_broadcast
-from spa.rules.registry import RuleContext, register
+from spa.ops.elementwise import couple_broadcast
+from spa.ops.context import RuleContext
+from spa.ops.registry import op
 
 
 def _free_inputs(ctx: RuleContext, start: int) -> None:
@@ -24,7 +25,7 @@ def _other_axes_identity(ctx: RuleContext, x, y, axis: int) -> None:
             ctx.couple(ctx.dim(x, a), ctx.dim(y, a))
 
 
-@register("Concat")
+@op("Concat")
 def concat(ctx: RuleContext) -> None:
     """y[axis] index off_k + i ~ x_k[axis] index i; other axes identity."""
     y = ctx.out(0)
@@ -38,7 +39,7 @@ def concat(ctx: RuleContext) -> None:
             off += n
 
 
-@register("Split")
+@op("Split")
 def split(ctx: RuleContext) -> None:
     """y_k[axis] index i ~ x[axis] index off_k + i; split sizes follow the new sizes."""
     x = ctx.inp(0)
@@ -76,7 +77,7 @@ def _slice_params(ctx: RuleContext, x):
     return starts, ends, axes, steps
 
 
-@register("Slice")
+@op("Slice")
 def slice_(ctx: RuleContext) -> None:
     """y[a] index i ~ x[a] index start_a + i (step 1); untouched axes identity."""
     x, y = ctx.inp(0), ctx.out(0)
@@ -121,7 +122,7 @@ def slice_(ctx: RuleContext) -> None:
     ctx.fixup("starts/ends", fix)
 
 
-@register("Pad")
+@op("Pad")
 def pad(ctx: RuleContext) -> None:
     """y[a] ~ x[a] on every axis with zero padding; padded axes stay untied."""
     x, y = ctx.inp(0), ctx.out(0)
@@ -138,7 +139,7 @@ def pad(ctx: RuleContext) -> None:
     _free_inputs(ctx, 1)
 
 
-@register("Gather")
+@op("Gather")
 def gather(ctx: RuleContext) -> None:
     """y = x[..., idx, ...]: x axes other than `axis` ~ y; indices axes ~ y[axis:axis+q]."""
     x, idx, y = ctx.inp(0), ctx.inp(1), ctx.out(0)
@@ -156,7 +157,7 @@ def gather(ctx: RuleContext) -> None:
         ctx.couple(ctx.dim(idx, a), ctx.dim(y, axis + a))
 
 
-@register("Expand")
+@op("Expand")
 def expand(ctx: RuleContext) -> None:
     """Broadcast x to y; literal entries of the shape operand follow a pruned axis."""
     x, shape_in, y = ctx.inp(0), ctx.inp(1), ctx.out(0)
@@ -170,7 +171,7 @@ def expand(ctx: RuleContext) -> None:
         ctx.follow_shape(1, entries, "shape", keep=lambda old: old > 1)
 
 
-@register("Tile")
+@op("Tile")
 def tile(ctx: RuleContext) -> None:
     """y[a] ~ x[a] on axes repeated once; tiled axes stay untied."""
     x, y = ctx.inp(0), ctx.out(0)
@@ -198,7 +199,7 @@ def _resize_factors(ctx: RuleContext, x):
     return scales, sizes, axes
 
 
-@register("Resize", "Upsample")
+@op("Resize", "Upsample")
 def resize(ctx: RuleContext) -> None:
     """y[a] ~ x[a] on axes with scale 1 (or size equal to the input's); sizes follow."""
     x, y = ctx.inp(0), ctx.out(0)
@@ -215,7 +216,7 @@ def resize(ctx: RuleContext) -> None:
         ctx.follow_sizes(3, sizes, [(k, y_dims[a]) for k, a in enumerate(axes)], "sizes")
 
 
-@register("ConstantOfShape")
+@op("ConstantOfShape")
 def constant_of_shape(ctx: RuleContext) -> None:
     """y[a] has size shape[a]: the shape operand follows a pruned axis of y."""
     shape_in, y = ctx.inp(0), ctx.out(0)

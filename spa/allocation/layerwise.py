@@ -1,4 +1,4 @@
-"""Analysis: per-group pruning ratios that keep an overall target.
+"""Layer-wise allocation: per-group pruning ratios that keep an overall target.
 
 * ``alpha`` (AlphaPruning-style, no data): the heavy-tailed spectrum of each group's producer
   weights. The Hill estimate α of the tail of the eigenvalues of WWᵀ is smaller for
@@ -66,8 +66,9 @@ def alpha_ratios(groups, weights, ratio: float, spread: float = 0.2) -> dict[str
     return dict(zip((g.key for g in groups), fit_target(sizes, raw, ratio)))
 
 
-def owl_ratios(groups, weights, cons, hs, ratio: float, spread: float = 0.08, m: float = 5.0) -> dict[str, float]:
+def owl_ratios(groups, weights, stats, ratio: float, spread: float = 0.08, m: float = 5.0) -> dict[str, float]:
     """OWL-style ratios: a larger share of |W|·‖X‖ outliers (> m × mean) -> fewer removed."""
+    cons, hs = stats.consumers, stats.moments
     metric = []
     for g in groups:
         parts = []

@@ -1,4 +1,4 @@
-"""The op-rule table: one coupling rule per (domain, op_type), registered in bulk by family.
+"""What a coupling rule sees and declares: :class:`RuleContext` over one node.
 
 A rule reads one node through a :class:`RuleContext` and declares
   * couplings between dims (with an index map),
@@ -12,47 +12,15 @@ op is never silently treated as elementwise.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from spa.dims import IDENTITY, Dim, IndexMap
+from spa.ops.fixups import ApplyOps, Fixup
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx_ir as ir
-
-Rule = Callable[["RuleContext"], None]
-
-_RULES: dict[tuple[str, str], Rule] = {}
-
-
-def _norm_domain(domain: str) -> str:
-    return "" if domain in ("", "ai.onnx") else domain
-
-
-def register(*op_types: str, domain: str = "") -> Callable[[Rule], Rule]:
-    """Decorator: register ``rule`` for every op type given."""
-
-    def deco(rule: Rule) -> Rule:
-        for op in op_types:
-            _RULES[(_norm_domain(domain), op)] = rule
-        return rule
-
-    return deco
-
-
-def register_family(ops: Iterable[str], rule: Rule, domain: str = "") -> None:
-    for op in ops:
-        _RULES[(_norm_domain(domain), op)] = rule
-
-
-def lookup(domain: str, op_type: str) -> Rule | None:
-    return _RULES.get((_norm_domain(domain), op_type))
-
-
-def registered_ops() -> list[tuple[str, str]]:
-    return sorted(_RULES)
-
 
 class RuleRefusal(Exception):
     """Raised by a rule that cannot handle this node's configuration."""
@@ -66,15 +34,6 @@ class Edge:
     node: str
     op: str
     repeat: bool = False  # a K/V repeat (GQA): query heads -> the K/V head they read
-
-
-@dataclass(slots=True)
-class Fixup:
-    """A rewrite a rule asks for once kept channels are known (attribute or shape constant)."""
-
-    node: str
-    what: str
-    apply: Callable[[Any], None]
 
 
 @dataclass(slots=True)
@@ -134,7 +93,7 @@ def shape_pieces(operand) -> list[tuple[Any, int, np.ndarray | None, int, int]] 
     return pieces
 
 
-def set_shape_entry(apply, node, index: int, position: int, value: int) -> bool:
+def set_shape_entry(apply: ApplyOps, node, index: int, position: int, value: int) -> bool:
     """Rewrite entry ``position`` of the shape operand ``index`` of ``node`` (a constant, or a
     constant piece of the Concat that computes it). False when that entry is not a literal."""
     for owner, k, values, start, n in shape_pieces(node.inputs[index]) or []:
@@ -264,7 +223,7 @@ class RuleContext:
         self._out.sizes[d] = size
         return d
 
-    def fixup(self, what: str, fn: Callable[[Any], None]) -> None:
+    def fixup(self, what: str, fn: Callable[[ApplyOps], None]) -> None:
         self._out.fixups.append(Fixup(self.name, what, fn))
 
     def follow_sizes(self, index: int, values, entries, what: str, keep=lambda old: True) -> None:
@@ -274,7 +233,7 @@ class RuleContext:
         node = self.node
         base = np.array(values, dtype=np.int64)
 
-        def fix(apply) -> None:
+        def fix(apply: ApplyOps) -> None:
             new = current_operand(node, index, base)
             changed = False
             for k, d in entries:
@@ -309,7 +268,7 @@ class RuleContext:
             return
         node = self.node
 
-        def fix(apply) -> None:
+        def fix(apply: ApplyOps) -> None:
             concat = None
             for k, values, sub in plan:
                 changed = [(pos, d) for pos, d in sub if apply.is_pruned(d) and keep(int(values[pos]))]
@@ -329,7 +288,7 @@ class RuleContext:
         that rewrites the repeat count when query heads are pruned within each K/V group."""
         rep_value = expand.outputs[0]
 
-        def fix(apply) -> None:
+        def fix(apply: ApplyOps) -> None:
             if not apply.is_pruned(merged):
                 return
             new_rep = apply.new_size(merged) // apply.new_size(kv)

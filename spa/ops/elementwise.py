@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from spa.rules.registry import RuleContext, register, register_family
+from spa.ops.context import RuleContext
+from spa.ops.registry import op, register_family
+from spa.ops.shapes import same_shape
 
 UNARY_OPS = frozenset(
     """Relu LeakyRelu Sigmoid Tanh HardSigmoid HardSwish Elu Selu Celu Gelu Mish Softplus
@@ -77,7 +79,13 @@ def broadcast(ctx: RuleContext) -> None:
     couple_broadcast(ctx, ctx.node.inputs, ctx.out(0), role)
 
 
-register_family(UNARY_OPS, unary)
-register_family(BROADCAST_OPS, broadcast)
-register_family(("Gelu", "QuickGelu"), unary, domain="com.microsoft")
-register("FastGelu", "BiasGelu", domain="com.microsoft")(broadcast)
+#: Unary ops that leave a weight's values as they are (Cast converts them): analyses see
+#: through them to the parameter.
+CONVERT_OPS = frozenset({"Identity", "Cast", "Dropout"})
+
+register_family(UNARY_OPS - CONVERT_OPS, unary, shape=same_shape)
+register_family(CONVERT_OPS, unary, shape=same_shape, weight_view="convert")
+register_family(BROADCAST_OPS - {"PRelu"}, broadcast)
+op("PRelu", shape=same_shape)(broadcast)
+register_family(("Gelu", "QuickGelu"), unary, domain="com.microsoft", shape=same_shape)
+op("FastGelu", "BiasGelu", domain="com.microsoft")(broadcast)

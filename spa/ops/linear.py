@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
-from spa.rules.elementwise import couple_broadcast
-from spa.rules.registry import RuleContext, register
+from spa.ops.elementwise import couple_broadcast
+from spa.ops.context import RuleContext
+from spa.ops.layers import attr, matmul_layer
+from spa.ops.registry import op
+from spa.ops.shapes import prod
 
 
-@register("Gemm")
+def _gemm_macs(node, ins, outs):
+    if not (ins[0] and outs[0]):
+        return None
+    return prod(outs[0]) * (ins[0][0] if attr(node, "transA", 0) else ins[0][1])
+
+
+def _matmul_macs(node, ins, outs):
+    return prod(outs[0]) * ins[0][-1] if ins[0] and outs[0] else None
+
+
+@op("Gemm", layer=matmul_layer, macs=_gemm_macs)
 def gemm(ctx: RuleContext) -> None:
     """A[K] ~ B[K] (contracted, B role in); Y[1] ~ B[N] (role out) ~ C; Y[0] ~ A[M]."""
     a, b, c, y = ctx.inp(0), ctx.inp(1), ctx.inp(2), ctx.out(0)
@@ -22,7 +35,7 @@ def gemm(ctx: RuleContext) -> None:
         couple_broadcast(ctx, [c], y, "bias")
 
 
-@register("MatMul")
+@op("MatMul", layer=matmul_layer, macs=_matmul_macs)
 def matmul(ctx: RuleContext) -> None:
     """A[-1] ~ B[-2] (contracted); Y[-1] ~ B[-1]; Y[-2] ~ A[-2]; batch axes broadcast."""
     a, b, y = ctx.inp(0), ctx.inp(1), ctx.out(0)
@@ -86,7 +99,7 @@ def _einsum_terms(ctx: RuleContext, inputs) -> tuple[list[str], str]:
     return out, rhs
 
 
-@register("Einsum")
+@op("Einsum")
 def einsum(ctx: RuleContext) -> None:
     """Axes with the same subscript are one axis (size-1 axes broadcast). On a constant operand,
     subscripts kept in the output are its out axes and contracted ones its in axes; subscripts

@@ -7,7 +7,8 @@ from collections import Counter
 from dataclasses import dataclass
 
 from spa.dims import IDENTITY, block
-from spa.rules.registry import RuleContext, register
+from spa.ops.context import RuleContext
+from spa.ops.registry import op
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,7 @@ def couple_view(ctx: RuleContext, x, y) -> None:
             ctx.free(ctx.dim(y, j))
 
 
-@register("Reshape")
+@op("Reshape", weight_view="reshape")
 def reshape(ctx: RuleContext) -> None:
     """View rule; literal entries of the target shape follow the new sizes (0 and -1 stay)."""
     x, shape_in, y = ctx.inp(0), ctx.inp(1), ctx.out(0)
@@ -159,7 +160,7 @@ def reshape(ctx: RuleContext) -> None:
     ctx.follow_shape(1, list(enumerate(ctx.dims(y))), "shape", keep=lambda old: old not in (0, -1))
 
 
-@register("Flatten", "Squeeze", "Unsqueeze")
+@op("Flatten", "Squeeze", "Unsqueeze", weight_view="reshape")
 def flatten_like(ctx: RuleContext) -> None:
     """View rule (Flatten folds C*H*W: column c*H*W+k ~ channel c)."""
     couple_view(ctx, ctx.inp(0), ctx.out(0))
@@ -169,7 +170,7 @@ def flatten_like(ctx: RuleContext) -> None:
             ctx.free(d)
 
 
-@register("Transpose")
+@op("Transpose", weight_view="transpose")
 def transpose(ctx: RuleContext) -> None:
     """y[i] ~ x[perm[i]]."""
     x, y = ctx.inp(0), ctx.out(0)

@@ -3,7 +3,33 @@
 from __future__ import annotations
 
 from spa.dims import block
-from spa.rules.registry import RuleContext, register
+from spa.ops.context import RuleContext
+from spa.ops.layers import conv_layer
+from spa.ops.registry import op
+from spa.ops.shapes import prod
+
+
+def _conv_shape(node):
+    """(batch, channels from the weight, ?, ...) where inference stops (custom domains)."""
+    x, w = node.inputs[0], node.inputs[1]
+    if x is None or w is None or w.shape is None:
+        return None
+    channels = w.shape[0]
+    if node.op_type == "ConvTranspose":
+        group = node.attributes.get("group")
+        channels = w.shape[1] * (group.value if group is not None else 1) if isinstance(w.shape[1], int) else None
+    batch = x.shape[0] if x.shape is not None else None
+    return [[batch, channels] + [None] * (len(w.shape) - 2)]
+
+
+def _conv_macs(node, ins, outs):
+    """out elements × (Cin/g · k) per output element."""
+    return prod(outs[0]) * prod(ins[1][1:]) if outs[0] and ins[1] else None
+
+
+def _conv_transpose_macs(node, ins, outs):
+    """in elements × (Cout/g · k) per input element."""
+    return prod(ins[0]) * prod(ins[1][1:]) if ins[0] and ins[1] else None
 
 
 def _group_fixup(ctx: RuleContext, groups_dim):
@@ -31,7 +57,7 @@ def _whole_groups(ctx: RuleContext, x, y, group: int) -> None:
     _group_fixup(ctx, g)
 
 
-@register("Conv")
+@op("Conv", shape=_conv_shape, layer=conv_layer, macs=_conv_macs)
 def conv(ctx: RuleContext) -> None:
     """y[1] ~ W[0] ~ B[0]; x[1] ~ W[1] (group=1) or x[1]//(Cin/g) ~ y[1]//(Cout/g) (grouped)."""
     x, w, b, y = ctx.inp(0), ctx.inp(1), ctx.inp(2), ctx.out(0)
@@ -49,7 +75,7 @@ def conv(ctx: RuleContext) -> None:
     _whole_groups(ctx, x, y, group)
 
 
-@register("ConvTranspose")
+@op("ConvTranspose", shape=_conv_shape, macs=_conv_transpose_macs)
 def conv_transpose(ctx: RuleContext) -> None:
     """x[1] ~ W[0]; y[1] ~ W[1] ~ B[0] (group=1); grouped: whole groups, as for Conv."""
     x, w, b, y = ctx.inp(0), ctx.inp(1), ctx.inp(2), ctx.out(0)

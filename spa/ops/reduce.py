@@ -3,7 +3,9 @@ only read a shape (Shape, Size)."""
 
 from __future__ import annotations
 
-from spa.rules.registry import RuleContext, register, register_family
+from spa.ops.context import RuleContext
+from spa.ops.registry import op, register_family
+from spa.ops.shapes import same_shape
 
 REDUCE_OPS = frozenset(
     """ReduceMean ReduceSum ReduceMax ReduceMin ReduceProd ReduceL1 ReduceL2 ReduceLogSum
@@ -27,6 +29,18 @@ def _reduce_axes(ctx: RuleContext, r: int) -> set[int]:
     return {int(a) % r for a in axes}
 
 
+def _normalizes_stream(ctx: RuleContext, reduced: set[int], r: int) -> bool:
+    """A mean over the last axis that is a norm's statistic: of a square (RMSNorm, as
+    exported: ``ReduceMean(Pow(x, 2))``) or subtracted from its input (LayerNorm, decomposed)."""
+    if ctx.op != "ReduceMean" or reduced != {r - 1} or r < 2:
+        return False
+    x = ctx.inp(0)
+    prod = x.producer()
+    if prod is not None and (prod.op_type == "Pow" or (prod.op_type == "Mul" and prod.inputs[0] is prod.inputs[1])):
+        return True
+    return any(use.op_type == "Sub" for use, _ in ctx.out(0).uses())
+
+
 def reduce(ctx: RuleContext) -> None:
     """Axes not reduced over are carried (shifted when keepdims=0). A reduced axis may shrink
     (RMSNorm's mean over the hidden size): it is free but not exact, since the removed
@@ -35,6 +49,7 @@ def reduce(ctx: RuleContext) -> None:
     x, y = ctx.inp(0), ctx.out(0)
     r = ctx.rank(x)
     reduced = _reduce_axes(ctx, r)
+    stream = _normalizes_stream(ctx, reduced, r)
     keep = int(ctx.attr("keepdims", 1))
     j = 0
     for a in range(r):
@@ -43,6 +58,8 @@ def reduce(ctx: RuleContext) -> None:
         elif ctx.op not in ("ArgMax", "ArgMin"):
             ctx.free(ctx.dim(x, a))
             ctx.inexact(ctx.dim(x, a))
+            if stream:
+                ctx.tag(ctx.dim(x, a), "hidden")
             if keep:
                 ctx.free(ctx.dim(y, j))
         if keep or a not in reduced:
@@ -59,16 +76,26 @@ def pool(ctx: RuleContext) -> None:
 
 
 def softmax(ctx: RuleContext) -> None:
-    """Every axis but the normalized one is carried (opset < 13: only axes before `axis`)."""
+    """Opset 13+: every axis but the normalized one (default -1) is carried."""
     x, y = ctx.inp(0), ctx.out(0)
     r = ctx.rank(x)
-    axis = int(ctx.attr("axis", -1 if ctx.opset >= 13 else 1)) % r
+    axis = int(ctx.attr("axis", -1)) % r
     for a in range(r):
-        if a != axis and (ctx.opset >= 13 or a < axis):
+        if a != axis:
             ctx.couple(ctx.dim(x, a), ctx.dim(y, a))
 
 
-@register("Shape", "Size")
+def softmax_legacy(ctx: RuleContext) -> None:
+    """Opsets 1-12: the input is flattened to 2-D at `axis` (default 1) and normalized over
+    all axes from `axis` on, so only the axes before it are carried."""
+    x, y = ctx.inp(0), ctx.out(0)
+    r = ctx.rank(x)
+    axis = int(ctx.attr("axis", 1)) % r
+    for a in range(axis):
+        ctx.couple(ctx.dim(x, a), ctx.dim(y, a))
+
+
+@op("Shape", "Size")
 def shape_of(ctx: RuleContext) -> None:
     """Reads only the shape: its input's axes are unconstrained."""
     for d in ctx.dims(ctx.inp(0)):
@@ -77,4 +104,7 @@ def shape_of(ctx: RuleContext) -> None:
 
 register_family(REDUCE_OPS, reduce)
 register_family(POOL_OPS, pool)
-register_family(SOFTMAX_OPS, softmax)
+register_family(SOFTMAX_OPS, softmax, shape=same_shape, since=13)
+register_family(SOFTMAX_OPS, softmax_legacy, shape=same_shape, since=1, until=12)
+#: Normalizations over windows or spatial axes, no rule yet (barriers): shapes only.
+register_family(("LpNormalization", "LRN", "MeanVarianceNormalization"), None, shape=same_shape)

@@ -39,16 +39,20 @@ def _vocab(model, name: str) -> int | None:
     return None
 
 
-def synthesize(model, sess, n_batches: int, input_shapes: dict | None, seed: int = 0) -> Iterator[dict]:
-    """Data-free batches: Gaussian floats, token ids over the vocabulary."""
+def synthesize(model, sess, n_batches: int, input_shapes: dict | None, seed: int = 0,
+               batch: int | None = SYNTH_BATCH) -> Iterator[dict]:
+    """Data-free batches: Gaussian floats, token ids over the vocabulary; a dynamic batch axis
+    gets ``batch`` samples (None: the runtime default, 1)."""
     from spa import runtime
 
     rng = np.random.default_rng(seed)
     shapes = dict(input_shapes or {})
     for i in sess.get_inputs():  # a dynamic batch axis gets SYNTH_BATCH samples, not 1
+        if batch is None:
+            break
         if i.name not in shapes and i.shape and not isinstance(i.shape[0], int) and i.shape[0] not in shapes:
             shape = list(runtime.concrete_shape(i.name, i.shape, input_shapes))
-            shapes[i.name] = [SYNTH_BATCH] + shape[1:]
+            shapes[i.name] = [batch] + shape[1:]
     for _ in range(n_batches):
         feeds = runtime.random_feeds(sess, shapes, int(rng.integers(1 << 31)))
         for i in sess.get_inputs():

@@ -5,11 +5,13 @@ fused Skip/Simplified variants)."""
 from __future__ import annotations
 
 from spa.dims import block
-from spa.rules.elementwise import couple_broadcast
-from spa.rules.registry import RuleContext, register
+from spa.ops.elementwise import couple_broadcast
+from spa.ops.context import RuleContext
+from spa.ops.registry import op
+from spa.ops.shapes import same_shape, same_shape_and_sum
 
 
-@register("BatchNormalization")
+@op("BatchNormalization", shape=same_shape)
 def batch_norm(ctx: RuleContext) -> None:
     """y[a] ~ x[a] for all a; x[1] ~ scale[0] ~ B[0] ~ mean[0] ~ var[0]."""
     x, y = ctx.inp(0), ctx.out(0)
@@ -24,7 +26,7 @@ def batch_norm(ctx: RuleContext) -> None:
         ctx.role(ctx.dim(p, 0), role)
 
 
-@register("InstanceNormalization")
+@op("InstanceNormalization", shape=same_shape)
 def instance_norm(ctx: RuleContext) -> None:
     """y[0] ~ x[0]; y[1] ~ x[1] ~ scale[0] ~ B[0]; spatial axes are normalized over."""
     x, y = ctx.inp(0), ctx.out(0)
@@ -35,7 +37,7 @@ def instance_norm(ctx: RuleContext) -> None:
         ctx.role(ctx.dim(ctx.inp(i), 0), role)
 
 
-@register("GroupNormalization")
+@op("GroupNormalization", shape=same_shape)
 def group_norm(ctx: RuleContext) -> None:
     """x[1] // (C/G) ~ groups; scale/bias per channel (opset 21) or per group (opset 18)."""
     x, y = ctx.inp(0), ctx.out(0)
@@ -86,6 +88,7 @@ def _normalize_over(ctx: RuleContext, x, axis: int, outputs) -> None:
     r = ctx.rank(x)
     for a in range(axis, r):
         ctx.inexact(ctx.dim(x, a))
+        ctx.tag(ctx.dim(x, a), "hidden")
     for k, y in enumerate(outputs):
         if y is None or not y.name or y.shape is None:
             continue
@@ -100,8 +103,8 @@ def _normalize_over(ctx: RuleContext, x, axis: int, outputs) -> None:
                 ctx.free(ctx.dim(y, a))
 
 
-@register("LayerNormalization", "RMSNormalization")
-@register("LayerNormalization", "SimplifiedLayerNormalization", domain="com.microsoft")
+@op("LayerNormalization", "RMSNormalization", shape=same_shape)
+@op("LayerNormalization", "SimplifiedLayerNormalization", domain="com.microsoft", shape=same_shape)
 def layer_norm(ctx: RuleContext) -> None:
     """Normalizes over x[axis:], with per-element scale (and bias) over those axes."""
     x = ctx.inp(0)
@@ -111,7 +114,8 @@ def layer_norm(ctx: RuleContext) -> None:
     _couple_trailing_params(ctx, x, axis, [(ctx.inp(1), "scale"), (ctx.inp(2), "bias")])
 
 
-@register("SkipLayerNormalization", "SkipSimplifiedLayerNormalization", domain="com.microsoft")
+@op("SkipLayerNormalization", "SkipSimplifiedLayerNormalization", domain="com.microsoft",
+    shape=same_shape_and_sum)
 def skip_layer_norm(ctx: RuleContext) -> None:
     """LayerNorm(input + skip (+ bias)) over the last axis; output 3 is the sum itself."""
     x, skip = ctx.inp(0), ctx.inp(1)

@@ -1,4 +1,5 @@
-"""Analysis: turn channel scores into a plan (uniform or global ratio, protection, round_to)."""
+"""Allocation: turn channel scores into a plan (uniform or global ratio, layer-wise ratios,
+protection, round_to)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from spa.depgraph import DependencyGraph
 from spa.errors import ArgumentError
 from spa.groups import GROUP_KINDS, Group
 from spa.plan import GroupPlan, Plan
-from spa.passes.score import Scores
+from spa.criteria.registry import Scores
 
 log = logging.getLogger("spa")
 
@@ -62,13 +63,16 @@ def allocate(
     (their K/V heads with the query heads that read them), ``q`` keeps every K/V head and
     removes query heads within each group (the same positions in all groups), ``both`` splits
     the ratio between the two. Within-group pruning is uniform even with global allocation.
-    ``ratios`` (layer-wise allocation, ``spa.passes.layerwise``) gives each group its own ratio.
+    ``ratios`` (layer-wise allocation, ``spa.allocation.layerwise``) gives each group its own ratio.
     """
     if not 0.0 <= ratio < 1.0:
         raise ArgumentError(f"ratio={ratio} must be in [0, 1)")
     if round_to < 1:
         raise ArgumentError(f"round_to={round_to} must be a positive integer")
     protect = tuple(protect)
+    if global_pruning and ratios is not None:
+        raise ArgumentError("per-group ratios (a layer-wise allocation) and global pruning cannot be combined: "
+                            "global pruning ranks channels across groups and would drop the ratios")
     if gqa not in GQA_MODES:
         raise ArgumentError(f"gqa={gqa!r} is not one of {', '.join(GQA_MODES)}")
     if kinds is not None:

@@ -1,0 +1,110 @@
+"""Weight criteria: L1 / L2 magnitude, BN scale, random; and the per-member reduction that the
+gradient criteria share. One score per group channel, reduced over members and normalized."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from spa.criteria.registry import Scores, ScoringInputs, criterion, normalize
+from spa.groups import MAGNITUDE_ROLES, Group
+
+ArrayOf = Callable[[str], np.ndarray]
+#: Per-index importance of a parameter along one axis: (array moved to axis 0, flattened) -> [n].
+PerIndex = Callable[[np.ndarray], np.ndarray]
+
+
+def abs_sum(flat: np.ndarray) -> np.ndarray:
+    return np.abs(flat).sum(axis=1)
+
+
+def square_sum(flat: np.ndarray) -> np.ndarray:
+    return np.square(flat).sum(axis=1)
+
+
+def signed_sum(flat: np.ndarray) -> np.ndarray:
+    return flat.sum(axis=1)
+
+
+def per_index(arr: np.ndarray, axis: int, fn: PerIndex) -> np.ndarray:
+    flat = np.moveaxis(np.asarray(arr, dtype=np.float64), axis, 0).reshape(arr.shape[axis], -1)
+    return fn(flat)
+
+
+def group_scores(group: Group, array_of: ArrayOf, fn: PerIndex = abs_sum, reduction: str = "mean",
+                 normalization: str = "mean", roles=MAGNITUDE_ROLES) -> np.ndarray | None:
+    """Scores of the ``group.size`` channels from its parameter members of ``roles``, or None
+    when it has none (``bn`` on a group without a normalization scale)."""
+    total = np.zeros(group.size)
+    count = np.zeros(group.size)
+    seen = False
+    for m in group.params:
+        if m.role not in roles:
+            continue
+        per_ch = np.bincount(m.channel, weights=per_index(array_of(m.param), m.param_axis, fn), minlength=group.size)
+        covered = np.bincount(m.channel, minlength=group.size) > 0
+        total = np.maximum(total, per_ch) if reduction == "max" else total + per_ch
+        count += covered
+        seen = True
+    if not seen:
+        return None
+    if reduction == "mean":
+        total = total / np.maximum(count, 1)
+    return normalize(total, normalization)
+
+
+def slot_scores(group: Group, array_of: ArrayOf, fn: PerIndex = abs_sum,
+                rng: np.random.Generator | None = None) -> np.ndarray | None:
+    """Scores of the query-head positions within K/V groups of a GQA heads group (summed over
+    the K/V groups and the query-side weights), or None without such positions."""
+    n = group.heads.slots if group.heads is not None else 0
+    if not n:
+        return None
+    if rng is not None:
+        return rng.random(n)
+    total = np.zeros(n)
+    for m in group.params:
+        if m.slot is None or m.role not in MAGNITUDE_ROLES:
+            continue
+        q = m.slot >= 0
+        total += np.bincount(m.slot[q], weights=per_index(array_of(m.param), m.param_axis, fn)[q], minlength=n)
+    return total
+
+
+def weight_scores(inputs: ScoringInputs, name: str, fn: PerIndex, roles=MAGNITUDE_ROLES,
+                  array_of: ArrayOf | None = None) -> Scores:
+    """Scores of every group from per-index importances of its parameters."""
+    array_of = array_of or inputs.weights
+    groups = inputs.dg.groups
+    by_key = {g.key: group_scores(g, array_of, fn, inputs.reduction, inputs.normalization, roles) for g in groups}
+    slots = {g.key: slot_scores(g, array_of, fn) for g in groups if g.heads and g.heads.slots}
+    return Scores(by_key, name, slots)
+
+
+@criterion("l1")
+def l1(inputs: ScoringInputs) -> Scores:
+    """Σ|w| of the channel's weights (data-free)."""
+    return weight_scores(inputs, "l1", abs_sum)
+
+
+@criterion("l2")
+def l2(inputs: ScoringInputs) -> Scores:
+    """Σw² of the channel's weights (data-free)."""
+    return weight_scores(inputs, "l2", square_sum)
+
+
+@criterion("bn")
+def bn(inputs: ScoringInputs) -> Scores:
+    """|γ| of the normalization scale over the channel (groups without one are kept)."""
+    return weight_scores(inputs, "bn", abs_sum, roles=frozenset({"scale"}))
+
+
+@criterion("random")
+def random(inputs: ScoringInputs) -> Scores:
+    """Uniform random scores (seeded): a baseline."""
+    rng = np.random.default_rng(inputs.seed)
+    groups = inputs.dg.groups
+    by_key = {g.key: rng.random(g.size) for g in groups}
+    slots = {g.key: slot_scores(g, inputs.weights, rng=rng) for g in groups if g.heads and g.heads.slots}
+    return Scores(by_key, "random", slots)

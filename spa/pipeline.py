@@ -1,0 +1,416 @@
+"""``spa.prune``: a short list of named stages over one job record.
+
+    load -> graph -> statistics -> score -> allocate -> compensate -> apply -> check -> module -> write
+
+No stage names a criterion: what a criterion needs (activations, gradients) and its optional
+compensation come from its registration (``spa.criteria``). The dependency graph is built
+once, on the loaded model, which is then pruned in place; the dense model is kept as a copy
+that shares its tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from spa.depgraph import DependencyGraph
+from spa.errors import ArgumentError, EquivalenceError, PlanError, ValidationError
+from spa.plan import Plan
+from spa.progress import SILENT, Progress
+
+ALLOCATIONS = ("uniform", "global", "alpha", "owl")
+
+
+@dataclass
+class PruneResult:
+    """The pruned model, the plan that made it, the analysis of the input and the checks."""
+
+    model: ir.Model
+    plan: Plan
+    graph: DependencyGraph  # the analysis of the input (groups, barriers); its model was pruned in place
+    verify_report: object = None
+    saved_to: Path | None = None
+    notes: list = field(default_factory=list)
+    module: object = None  # the pruned nn.Module when an nn.Module was pruned
+    dense: ir.Model | None = None  # the loaded input model, unpruned
+    equivalence: object = None  # spa.equivalence.EquivalenceReport
+
+    @property
+    def proto(self) -> onnx.ModelProto:
+        return ir.serde.serialize_model(self.model)
+
+    @property
+    def fidelity(self):
+        return getattr(self.equivalence, "fidelity", None)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        from spa.api import save
+
+        self.saved_to = save(self.model, path)
+        return self.saved_to
+
+    def report(self) -> dict:
+        """A JSON-ready summary: plan counts, the equivalence check, fidelity, notes."""
+        groups = {g.key: g for g in self.graph.groups}
+        return {
+            "criterion": self.plan.meta.get("criterion"),
+            "ratio": self.plan.meta.get("ratio"),
+            "groups": len(self.plan.groups),
+            "pruned_groups": [{"key": gp.key, "kind": groups[gp.key].kind if gp.key in groups else None,
+                               "exact": groups[gp.key].exact if gp.key in groups else None,
+                               "size": gp.size, "kept": len(gp.keep)} for gp in self.plan.pruned_groups],
+            "channels_removed": sum(g.removed for g in self.plan.groups),
+            "channels_total": sum(g.size for g in self.plan.groups),
+            "equivalence": None if self.equivalence is None else self.equivalence.as_dict(),
+            "notes": list(self.notes),
+            "output": None if self.saved_to is None else str(self.saved_to),
+        }
+
+
+@dataclass
+class Job:
+    """Arguments and intermediate results of one prune."""
+
+    source: object
+    ratio: float
+    criterion: str
+    reduction: str
+    normalization: str
+    global_pruning: bool
+    round_to: int
+    protect: tuple
+    kinds: tuple | None
+    gqa: str
+    seed: int
+    output: object
+    plan_out: object
+    report_out: object
+    verify: bool
+    run: bool
+    check_equivalence: bool | None
+    input_shapes: dict | None
+    progress: Progress
+    data: object
+    loss_fn: object
+    calibration: object
+    calibration_batches: int
+    allocation: str
+    example_inputs: object = None
+    module: object = None
+    exported: set = field(default_factory=set)
+    spec: object = None  # the registered criterion
+    model: ir.Model | None = None
+    dg: DependencyGraph | None = None
+    stats: object = None
+    arrays: dict | None = None
+    scores: object = None
+    ratios: dict | None = None
+    plan: Plan | None = None
+    updates: dict = field(default_factory=dict)
+    dense: ir.Model | None = None
+    reference: ir.Model | None = None  # dense with the compensation's weights: what the plan is applied to
+    result: PruneResult | None = None
+
+
+# ---- stages -----------------------------------------------------------------------------
+def load_stage(job: Job) -> None:
+    from spa.api import load
+
+    if job.module is not None:
+        from spa.frontends import torch as tf
+
+        with job.progress.step("exporting the module (torch dynamo exporter)"):
+            proto = tf.export(job.module, job.example_inputs)
+        job.exported = {i.name for i in proto.graph.initializer}
+        job.source = proto
+    with job.progress.step("loading and canonicalizing"):
+        job.model = load(job.source)
+
+
+def graph_stage(job: Job) -> None:
+    with job.progress.step("discovering groups"):
+        job.dg = DependencyGraph(job.model)
+        groups = job.dg.groups
+    job.progress.note(f"{len(groups)} prunable groups, {len(job.dg.blocked_groups)} blocked")
+
+
+def statistics_stage(job: Job) -> None:
+    """Activations (criteria that need them, owl allocation) and gradients (those that need them)."""
+    if "activations" in job.spec.needs or job.allocation == "owl":
+        from spa.calibration.activations import collect_stats
+
+        calibration = job.calibration
+        what = calibration if isinstance(calibration, str) or calibration is None else "user data"
+        if isinstance(calibration, str) and calibration == "bn" and job.module is not None:
+            from spa.frontends.bn_inputs import bn_matched_inputs
+
+            with job.progress.step("synthesizing inputs matched to BatchNorm statistics"):
+                calibration = bn_matched_inputs(job.module, job.example_inputs, job.calibration_batches,
+                                                seed=job.seed)
+        with job.progress.step(f"collecting activations (calibration: {what or 'gaussian'})"):
+            job.stats = collect_stats(job.model, job.dg, calibration, job.calibration_batches, job.input_shapes,
+                                      job.seed)
+    if "gradients" in job.spec.needs:
+        from spa.frontends.gradients import gradient_importance
+
+        with job.progress.step(f"computing gradients ({job.criterion})"):
+            job.arrays = gradient_importance(job.module, job.criterion, job.data, job.loss_fn)
+
+
+def score_stage(job: Job) -> None:
+    from spa.criteria import score_groups
+
+    with job.progress.step(f"scoring ({job.criterion})"):
+        job.scores = score_groups(job.dg, job.criterion, job.reduction, job.normalization, job.seed,
+                                  arrays=job.arrays, stats=job.stats, module=job.module is not None)
+
+
+def allocate_stage(job: Job) -> None:
+    from spa.allocation import allocate, layerwise
+
+    if job.allocation in ("alpha", "owl"):
+        groups = [g for g in job.dg.groups if job.kinds is None or g.kind in job.kinds]
+        if job.allocation == "alpha":
+            job.ratios = layerwise.alpha_ratios(groups, job.dg.weights, job.ratio)
+        else:
+            job.ratios = layerwise.owl_ratios(groups, job.dg.weights, job.stats, ratio=job.ratio)
+    plan = allocate(job.dg, job.scores, job.ratio, job.global_pruning, job.round_to, job.protect,
+                    kinds=job.kinds, gqa=job.gqa, ratios=job.ratios)
+    meta = {**plan.meta, "reduction": job.reduction, "normalization": job.normalization, "seed": job.seed}
+    if job.allocation in ("alpha", "owl"):
+        meta["allocation"] = job.allocation
+    job.plan = Plan(plan.groups, meta)
+
+
+def compensate_stage(job: Job) -> None:
+    """The criterion's compensation (OBSPA's reconstruction, FLAP's bias fold), if it has one.
+    The dense model is kept first; the reconstructed weights go into the model to be pruned."""
+    from spa.api import clone
+
+    job.dense = clone(job.model)
+    job.reference = job.dense
+    if job.spec.compensate is None or not job.plan.pruned_groups:
+        return
+    with job.progress.step(f"compensating ({job.criterion})"):
+        plan, updates = job.spec.compensate(job.dg, job.plan, job.stats)
+    counts = {g.key: len(g.keep) for g in job.plan.groups}
+    if any(counts.get(g.key) != len(g.keep) for g in plan.groups):
+        raise PlanError(f"the {job.criterion} compensation changed the number of kept channels (a bug; "
+                        "please report it)")
+    job.plan, job.updates = plan, updates
+    for name, arr in updates.items():
+        v = job.model.graph.initializers[name]
+        v.const_value = ir.tensor(np.ascontiguousarray(arr), name=name)
+    job.reference = clone(job.model)
+
+
+def apply_stage(job: Job) -> None:
+    from spa.api import apply_in_place
+
+    with job.progress.step(f"applying plan ({len(job.plan.pruned_groups)} groups pruned)"):
+        apply_in_place(job.model, job.plan, graph=job.dg)
+    job.result = PruneResult(job.model, job.plan, job.dg, dense=job.dense)
+
+
+def check_stage(job: Job) -> None:
+    if not job.verify:
+        return
+    verify, equivalence = check_output(job.model, job.reference, job.dense, job.dg, job.plan, job.input_shapes,
+                                       job.run, job.check_equivalence, job.progress)
+    job.result.verify_report, job.result.equivalence = verify, equivalence
+    job.result.notes.extend(verify.notes)
+    if equivalence is not None and equivalence.skipped:
+        job.result.notes.append(equivalence.summary())
+
+
+def module_stage(job: Job) -> None:
+    if job.module is None:
+        return
+    from spa.api import pruned_copy
+    from spa.frontends import torch as tf
+
+    with job.progress.step("slicing the module"):
+        job.result.module = tf.slice_module(job.module, job.dg, job.plan, job.exported, job.updates)
+    if job.verify:
+        with job.progress.step("verifying the module against the pruned ONNX model"):
+            try:
+                tf.check_module(job.result.module, job.model, job.example_inputs)
+            except ValidationError as exc:
+                raise tf.blame_module_group(job.module, job.reference, job.dg, job.plan, job.example_inputs,
+                                            job.exported, exc, pruned_copy) from exc
+
+
+def write_stage(job: Job) -> None:
+    from spa.io import atomic_write_bytes
+
+    if job.plan_out is not None:
+        job.plan.to_json(job.plan_out)
+    if job.output is not None:
+        with job.progress.step(f"writing {job.output}"):
+            job.result.save(job.output)
+    if job.report_out is not None:
+        atomic_write_bytes(Path(job.report_out), json.dumps(job.result.report(), indent=1).encode())
+
+
+STAGES: tuple[tuple[str, Callable[[Job], None]], ...] = (
+    ("load", load_stage), ("graph", graph_stage), ("statistics", statistics_stage), ("score", score_stage),
+    ("allocate", allocate_stage), ("compensate", compensate_stage), ("apply", apply_stage),
+    ("check", check_stage), ("module", module_stage), ("write", write_stage),
+)
+
+
+# ---- the check, shared with spa.apply_plan ------------------------------------------------
+def check_output(pruned: ir.Model, reference: ir.Model, dense: ir.Model, dg: DependencyGraph, plan: Plan,
+                 input_shapes, run: bool, check_equivalence: bool | None, progress: Progress = SILENT):
+    """Validity (checker, strict shape inference; blames a group when invalid), then, when
+    ``run``: the equivalence check against the masked reference (``spa.equivalence``), or, when
+    that is off or the model too large, one onnxruntime run that must keep the output shapes.
+    Returns (VerifyReport, EquivalenceReport or None)."""
+    from spa import equivalence as eq
+    from spa.api import blame_invalid, pruned_copy
+    from spa.io import model_nbytes
+    from spa.passes.verify import VerifyReport, check_structure, verify
+
+    with progress.step("verifying (checker, shape inference)"):
+        try:
+            check_structure(pruned)
+        except ValidationError as exc:
+            raise blame_invalid(reference, plan, input_shapes, False, exc) from exc
+    report = VerifyReport(checker=True)
+    if not run:
+        return report, None
+    size = model_nbytes(reference)
+    on = check_equivalence if check_equivalence is not None else size < eq.CHECK_LIMIT_BYTES
+    if not on:
+        why = ("turned off" if check_equivalence is False else
+               f"the model holds {size / 2**30:.1f} GiB of weights (over {eq.CHECK_LIMIT_BYTES / 2**30:.0f} GiB); "
+               "pass --check-equivalence to run it anyway")
+        with progress.step("verifying (onnxruntime run, output shapes)"):
+            try:
+                report = verify(pruned, reference, input_shapes, run=True)
+            except ValidationError as exc:
+                raise blame_invalid(reference, plan, input_shapes, True, exc) from exc
+        return report, eq.EquivalenceReport(skipped=why)
+    with progress.step("checking equivalence with the masked dense model"):
+        feeds = _check_feeds(reference, input_shapes)
+        try:
+            result = eq.check(reference, pruned, dg, plan, feeds, dense=dense, apply=pruned_copy)
+        except EquivalenceError:
+            raise
+        except ValidationError as exc:
+            raise blame_invalid(reference, plan, input_shapes, True, exc) from exc
+    report.ran = result.skipped is None
+    report.output_shapes = result.output_shapes
+    if result.skipped:
+        report.notes.append(result.skipped)
+    progress.note(result.summary())
+    return report, result
+
+
+def _check_feeds(model: ir.Model, input_shapes) -> dict:
+    """One data-free batch (batch 1, token ids over the vocabulary) for the check runs."""
+    from spa import runtime
+    from spa.calibration import synthesize
+    from spa.io import to_proto
+
+    try:
+        sess = runtime.session(to_proto(model), optimize=False)
+    except runtime.ort_errors():
+        return {}
+    return next(synthesize(model, sess, 1, input_shapes, seed=0, batch=None))
+
+
+def prune(
+    model,
+    example_inputs=None,
+    ratio: float = 0.5,
+    *,
+    criterion: str = "l1",
+    reduction: str = "mean",
+    normalization: str = "mean",
+    global_pruning: bool = False,
+    round_to: int = 1,
+    protect: Iterable[str] = (),
+    kinds: Iterable[str] | None = None,
+    gqa: str = "kv",
+    seed: int = 0,
+    output: str | os.PathLike | None = None,
+    plan_out: str | os.PathLike | None = None,
+    report: str | os.PathLike | None = None,
+    verify: bool = True,
+    run: bool = True,
+    check_equivalence: bool | None = None,
+    input_shapes: dict | None = None,
+    progress: Progress = SILENT,
+    data=None,
+    loss_fn=None,
+    calibration=None,
+    calibration_batches: int = 8,
+    allocation: str = "uniform",
+) -> PruneResult:
+    """Prune ``model`` (a path, bytes, onnx.ModelProto, onnx_ir.Model or torch ``nn.Module``).
+
+    A module is traced with ``example_inputs`` (a tensor or tuple) through the torch exporter;
+    ``result.module`` is then the pruned module (same classes, sliced parameters and buffers,
+    updated attributes), checked against the pruned ONNX model. For ONNX inputs the second
+    argument may be the ratio (``spa.prune("m.onnx", 0.3)``).
+
+    ``criterion`` is any registered criterion (``spa.criteria.names()``). Gradient criteria
+    (``taylor``, ``snip``, ``grasp``) need a module and ``data``: an iterable of batches;
+    ``loss_fn(module, batch)`` gives the loss (default: cross-entropy of ``module(x)`` against
+    ``y`` for ``(x, y)`` batches). Activation criteria read ``calibration`` (see
+    ``spa.calibration``; None: data-free gaussian inputs).
+
+    ``ratio`` is the fraction of channels removed from every group; ``allocation`` spreads it:
+    ``uniform``, ``global`` (rank channels across groups; also ``global_pruning=True``),
+    ``alpha`` / ``owl`` (a ratio per group, keeping the overall target; these cannot be combined
+    with ``global_pruning``). ``kinds`` prunes only groups of those kinds (``heads``,
+    ``channels``, ``hidden``); ``gqa`` (``kv``, ``q``, ``both``) says whether GQA heads groups
+    lose whole K/V groups, query heads within every K/V group, or both.
+
+    Checks: the output is valid (checker, strict shape inference), and with ``run`` it is run in
+    onnxruntime against the dense model with the removed channels masked
+    (``check_equivalence``: None = on below ``spa.equivalence.CHECK_LIMIT_BYTES`` of weights);
+    a difference beyond tolerance names the group and nothing is written. ``result.equivalence``
+    holds the figures (and fidelity against the dense model for inexact or compensated
+    groups); ``report`` writes them as JSON. With ``output`` the pruned model is written
+    (atomically, only once it verified).
+    """
+    from spa.api import check_output_path
+    from spa.criteria import get
+    from spa.criteria.registry import NORMALIZATIONS, REDUCTIONS, check_choice
+    from spa.frontends.torch import is_module
+
+    check_choice("allocation", allocation, ALLOCATIONS)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("normalization", normalization, NORMALIZATIONS)
+    spec = get(criterion)
+    if global_pruning and allocation in ("alpha", "owl"):
+        raise ArgumentError(f"allocation='{allocation}' gives each group its own ratio; global pruning ranks "
+                            "channels across groups instead. Choose one (drop --global, or use --allocation global)")
+    global_pruning = global_pruning or allocation == "global"
+    if isinstance(example_inputs, (int, float)) and not isinstance(example_inputs, bool):
+        ratio, example_inputs = float(example_inputs), None
+    check_output_path(model, output)
+    module = model if is_module(model) else None
+    if "gradients" in spec.needs and module is None:
+        raise ArgumentError(f"criterion '{criterion}' needs gradients: pass the nn.Module (and data), not an ONNX model")
+    if "module" in spec.needs and module is None:
+        raise ArgumentError(f"criterion '{criterion}' needs an nn.Module, not an ONNX model")
+    job = Job(model, ratio, criterion, reduction, normalization, global_pruning, round_to, tuple(protect),
+              None if kinds is None else tuple(kinds), gqa, seed, output, plan_out, report, verify, run,
+              check_equivalence, input_shapes, progress, data, loss_fn, calibration, calibration_batches,
+              allocation, example_inputs=example_inputs, module=module, spec=spec)
+    for _, stage in STAGES:
+        stage(job)
+    return job.result
+
+
+__all__ = ["ALLOCATIONS", "PruneResult", "STAGES", "check_output", "prune"]

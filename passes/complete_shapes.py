@@ -123,5 +123,7 @@ class CompleteShapesPass(ir.passes.InPlacePass):
             for v, shape in zip(node.outputs, _completed(node, opsets) or []):
                 if v is not None and shape is not None and v.shape is None:
                     v.shape = shape if isinstance(shape, ir.Shape) else ir.Shape(shape)
+                    if v.type is None and node.inputs and node.inputs[0] is not None:
+                        v.type = node.inputs[0].type  # these ops keep their input's element type
                     modified = True
         return ir.passes.PassResult(model, modified)

@@ -10,6 +10,7 @@ Adding an op is one registration in one file (see the README's "How it works")::
 """
 
 from spa.ops import conv, elementwise, linear, norm, reduce, slicing, view  # noqa: F401
+from spa.ops import contrib  # noqa: F401  (after the families it reuses)
 from spa.ops.context import Edge, RuleContext, RuleOutput, RuleRefusal
 from spa.ops.fixups import ApplyOps, Fixup
 from spa.ops.layers import LayerView

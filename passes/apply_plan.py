@@ -113,6 +113,13 @@ class ApplyPlanPass(ir.passes.InPlacePass):
         self.graph = graph  # the model's dependency graph, when the caller built it already
         self.pruned_keys: list[str] = []
 
+    def requires(self, model: ir.Model) -> None:
+        from spa.depgraph import CANONICAL_MARK
+
+        if not model.meta.get(CANONICAL_MARK):
+            raise UnsupportedModelError("a plan applies to a model loaded with spa.load (canonicalized); "
+                                        "load it first")
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         dg = self.graph if self.graph is not None and self.graph.model is model else DependencyGraph(model)
         groups = {g.key: g for g in dg.groups}

@@ -123,12 +123,13 @@ def apply_plan(model, plan: Plan, verify: bool = True, input_shapes: dict | None
         return _apply_to_module(model, plan, example_inputs, verify, progress)
     model = loaded(model)
     with progress.step(f"applying plan ({len(plan.pruned_groups)} groups pruned)"):
-        out = pruned_copy(model, plan)
+        out = clone(model)
+        dg = DependencyGraph(out)  # built once: its groups and dim facts still describe the input
+        apply_in_place(out, plan, graph=dg)
     if verify:
         from spa.pipeline import check_output
 
-        check_output(out, model, model, DependencyGraph(model), plan, input_shapes, True, check_equivalence,
-                     progress)
+        check_output(out, model, model, dg, plan, input_shapes, True, check_equivalence, progress)
     return out
 
 

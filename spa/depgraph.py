@@ -485,12 +485,6 @@ class DependencyGraph:
                 return g
         raise KeyError(key)
 
-    def group_of(self, d: Dim) -> Group | None:
-        for g in self.groups:
-            if g.member(d) is not None:
-                return g
-        return None
-
     def lint(self) -> list[str]:
         """Invariants of the graph and its groups; the problems found (empty when sound)."""
         problems = []

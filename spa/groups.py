@@ -8,8 +8,7 @@ import numpy as np
 
 from spa.dims import Dim
 
-#: Roles a parameter dim can play in a group (set by the op rules).
-WEIGHT_ROLES = frozenset({"out", "in"})
+#: Roles of parameter dims that magnitude criteria read (set by the op rules).
 MAGNITUDE_ROLES = frozenset({"out", "in", "scale"})
 #: Group kinds: attention heads, a stream normalized over (hidden size), other channels.
 GROUP_KINDS = frozenset({"heads", "hidden", "channels"})

@@ -276,11 +276,11 @@ def check_output(pruned: ir.Model, reference: ir.Model, dense: ir.Model, dg: Dep
     from spa import equivalence as eq
     from spa.api import blame_invalid, pruned_copy
     from spa.io import model_nbytes
-    from spa.passes.verify import VerifyReport, check_structure, verify
+    from spa.passes.verify import VerifyPass, VerifyReport, verify
 
     with progress.step("verifying (checker, shape inference)"):
         try:
-            check_structure(pruned)
+            VerifyPass()(pruned)
         except ValidationError as exc:
             raise blame_invalid(reference, plan, input_shapes, False, exc) from exc
     report = VerifyReport(checker=True)

@@ -17,7 +17,6 @@ from spa.ops.layers import LayerView
 from spa.ops.registry import (
     DuplicateOpError,
     OpSpec,
-    default_opset,
     lookup_spec,
     model_opsets,
     op,
@@ -29,6 +28,6 @@ from spa.ops.registry import (
 
 __all__ = [
     "ApplyOps", "DuplicateOpError", "Edge", "Fixup", "LayerView", "OpSpec", "RuleContext", "RuleOutput",
-    "RuleRefusal", "default_opset", "lookup_spec", "model_opsets", "op", "register_family", "register_spec",
+    "RuleRefusal", "lookup_spec", "model_opsets", "op", "register_family", "register_spec",
     "registered_ops", "spec_of",
 ]

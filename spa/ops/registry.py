@@ -129,10 +129,6 @@ def model_opsets(model: ir.Model) -> dict[str, int]:
     return out
 
 
-def default_opset(model: ir.Model) -> int | None:
-    return model_opsets(model).get("")
-
-
 def registered_ops() -> list[tuple[str, str]]:
     return sorted(_SPECS)
 

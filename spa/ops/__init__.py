@@ -1,6 +1,7 @@
 """The op table. Importing this package registers every op family; one file per family.
 
-Adding an op is one registration in one file (see the README's "How it works")::
+Every module of this package is imported, so adding an op is one registration in one file,
+new or existing (see the README's "How it works")::
 
     from spa.ops import RuleContext, op
 
@@ -9,8 +10,9 @@ Adding an op is one registration in one file (see the README's "How it works")::
         ...
 """
 
-from spa.ops import conv, elementwise, linear, norm, reduce, slicing, view  # noqa: F401
-from spa.ops import contrib  # noqa: F401  (after the families it reuses)
+import importlib
+import pkgutil
+
 from spa.ops.context import Edge, RuleContext, RuleOutput, RuleRefusal
 from spa.ops.fixups import ApplyOps, Fixup
 from spa.ops.layers import LayerView
@@ -31,3 +33,6 @@ __all__ = [
     "RuleRefusal", "lookup_spec", "model_opsets", "op", "register_family", "register_spec",
     "registered_ops", "spec_of",
 ]
+
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    importlib.import_module(f"{__name__}.{_module}")

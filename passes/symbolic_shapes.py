@@ -10,7 +10,10 @@ axes as products (``4*batch``). Its result replaces a shape only where it knows 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import tempfile
 
 import onnx_ir as ir
 
@@ -37,6 +40,20 @@ def needs_symbolic_inference(model: ir.Model) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def _private_cwd():
+    """Run in a private temporary directory: when the tool falls back to ONNX inference for an op
+    it does not know, it writes ``sym_shape_infer_temp.onnx`` (and its external data) into the
+    working directory. SPA writes its outputs and nothing else, so that goes here and is removed."""
+    old = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="spa-symshape-") as tmp:
+        os.chdir(tmp)
+        try:
+            yield
+        finally:
+            os.chdir(old)
+
+
 class SymbolicShapesPass(ir.passes.InPlacePass):
     """Merge onnxruntime's symbolic shapes into values whose shapes have unknown entries."""
 
@@ -46,7 +63,9 @@ class SymbolicShapesPass(ir.passes.InPlacePass):
         try:
             from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-            inferred = SymbolicShapeInference.infer_shapes(ir.serde.serialize_model(model), auto_merge=True)
+            proto = ir.serde.serialize_model(model)
+            with _private_cwd():
+                inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
         except Exception as exc:  # the tool raises on ops it does not know; ONNX's shapes stay
             log.debug("onnxruntime symbolic shape inference failed: %s", exc)
             return ir.passes.PassResult(model, False)

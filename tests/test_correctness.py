@@ -65,9 +65,7 @@ def test_a_second_registration_of_an_op_is_an_error():
         spa.ops.op("Softmax", since=12, until=13)(lambda ctx: None)
 
 
-def test_one_registration_adds_an_op_everywhere(tmp_path):
-    """com.microsoft::FusedConv is one spec (spa/ops/contrib.py): coupling, shape completion,
-    OBSPA's layer view and MACs all come from it."""
+def _fused_conv_model() -> onnx.ModelProto:
     rng = np.random.default_rng(0)
     nodes = [h.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
              h.make_node("FusedConv", ["c1", "w2", "b2"], ["c2"], name="fused", domain="com.microsoft",
@@ -77,7 +75,13 @@ def test_one_registration_adds_an_op_everywhere(tmp_path):
                      [h.make_tensor_value_info("y", T.FLOAT, ["N", 4, 8, 8])],
                      [_init(rng, "w1", 8, 3, 3, 3), _init(rng, "b1", 8), _init(rng, "w2", 6, 8, 3, 3),
                       _init(rng, "b2", 6), _init(rng, "w3", 4, 6, 1, 1)])
-    proto = h.make_model(g, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("com.microsoft", 1)])
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("com.microsoft", 1)])
+
+
+def test_one_registration_adds_an_op_everywhere():
+    """com.microsoft::FusedConv is one spec (spa/ops/contrib.py): coupling, shape completion,
+    OBSPA's layer view and MACs all come from it."""
+    proto = _fused_conv_model()
     model = spa.load(proto)
     fused = next(n for n in model.graph if n.op_type == "FusedConv")
     assert list(fused.outputs[0].shape)[1] == 6  # shape completion where ONNX inference stops
@@ -187,15 +191,26 @@ def test_pruning_an_onnx_file_does_not_import_torch(tmp_path):
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
 
 
-def test_a_rule_that_raises_is_a_barrier_and_a_warning(caplog):
-    @spa.ops.op("Broken", domain="test.spa")
-    def broken(ctx):
-        raise KeyError("oops")
+@spa.ops.op("Broken", domain="test.spa")
+def _broken(ctx):
+    raise KeyError("oops")
 
-    proto = build(HEAD.replace('"" : 17', '"" : 17, "test.spa" : 1') + """
-    g (float[N,4] x, float[4,6] w1, float[6,3] w2) => (float[N,3] y)
-    { a = MatMul(x, w1)  b = test.spa.Broken(a)  y = MatMul(b, w2) }""")
-    model = spa.load(proto)
+
+CUSTOM = HEAD.replace('"" : 17', '"" : 17, "test.spa" : 1') + """
+g (float[N,4] x, float[4,6] w1, float[6,3] w2) => (float[N,3] y)
+{ a = MatMul(x, w1)  b = test.spa.Broken(a)  y = MatMul(b, w2) }"""
+
+
+def test_nothing_is_written_to_the_working_directory(tmp_path, monkeypatch):
+    """onnxruntime's symbolic shape inference writes a temporary model into the working
+    directory when it meets an op it does not know: SPA runs it elsewhere."""
+    monkeypatch.chdir(tmp_path)
+    spa.prune(_fused_conv_model(), 0.5)  # a contrib op and a dynamic batch: the tool falls back
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_rule_that_raises_is_a_barrier_and_a_warning(caplog):
+    model = spa.load(build(CUSTOM))
     for n in model.graph:  # the custom op has no shape inference: give it its input's
         if n.op_type == "Broken":
             n.outputs[0].shape, n.outputs[0].type = n.inputs[0].shape, n.inputs[0].type

@@ -316,15 +316,10 @@ def check_output(pruned: ir.Model, reference: ir.Model, dense: ir.Model, dg: Dep
 
 def _check_feeds(model: ir.Model, input_shapes) -> dict:
     """One data-free batch (batch 1, token ids over the vocabulary) for the check runs."""
-    from spa import runtime
     from spa.calibration import synthesize
-    from spa.io import to_proto
+    from spa.runtime import ModelInputs
 
-    try:
-        sess = runtime.session(to_proto(model), optimize=False)
-    except runtime.ort_errors():
-        return {}
-    return next(synthesize(model, sess, 1, input_shapes, seed=0, batch=None))
+    return next(synthesize(model, ModelInputs(model), 1, input_shapes, seed=0, batch=None))
 
 
 def prune(

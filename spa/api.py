@@ -109,14 +109,23 @@ def pruned_copy(model: ir.Model, plan: Plan) -> ir.Model:
 
 
 def apply_plan(model, plan: Plan, verify: bool = True, input_shapes: dict | None = None,
-               progress: Progress = SILENT, example_inputs=None, check_equivalence: bool | None = None):
+               progress: Progress = SILENT, example_inputs=None, check_equivalence: bool | None = None,
+               device: str = "auto", provider: str | None = None):
     """A pruned copy of ``model``; verified unless ``verify=False`` (raises ValidationError).
 
     ``model`` is an ONNX model (loaded, or anything :func:`load` takes), or an ``nn.Module``
     (then ``example_inputs`` are needed to trace it, and a pruned module of the same classes is
     returned): one plan prunes both. Verification includes the equivalence check of
-    ``spa.equivalence`` (None: on where the model is small enough to run twice).
+    ``spa.equivalence`` (None: on where the model is small enough to run twice), run on
+    ``device`` / ``provider`` (see ``spa.runtime.select_device``).
     """
+    from spa import runtime
+
+    with runtime.use_device(device, provider):
+        return _apply_plan(model, plan, verify, input_shapes, progress, example_inputs, check_equivalence)
+
+
+def _apply_plan(model, plan, verify, input_shapes, progress, example_inputs, check_equivalence):
     from spa.frontends.torch import is_module
 
     if is_module(model):

@@ -31,6 +31,10 @@ class ArgumentError(SpaError):
     """A user-supplied argument is invalid."""
 
 
+class RuntimeMissingError(SpaError):
+    """No onnxruntime build is installed (SPA's core requires neither the CPU nor the GPU one)."""
+
+
 class CanonicalizationError(FrontendError):
     """A canonicalization pass (from onnx-ir or onnxscript) failed on the model."""
 

@@ -41,6 +41,7 @@ class PruneResult:
     module: object = None  # the pruned nn.Module when an nn.Module was pruned
     dense: ir.Model | None = None  # the loaded input model, unpruned
     equivalence: object = None  # spa.equivalence.EquivalenceReport
+    device: str | None = None  # where SPA ran the models ("cpu", "cuda:0", a provider)
 
     @property
     def proto(self) -> onnx.ModelProto:
@@ -70,6 +71,7 @@ class PruneResult:
             "channels_total": sum(g.size for g in self.plan.groups),
             "equivalence": None if self.equivalence is None else self.equivalence.as_dict(),
             "notes": list(self.notes),
+            "device": self.device,
             "output": None if self.saved_to is None else str(self.saved_to),
         }
 
@@ -349,6 +351,8 @@ def prune(
     calibration=None,
     calibration_batches: int = 8,
     allocation: str = "uniform",
+    device: str = "auto",
+    provider: str | None = None,
 ) -> PruneResult:
     """Prune ``model`` (a path, bytes, onnx.ModelProto, onnx_ir.Model or torch ``nn.Module``).
 
@@ -377,6 +381,10 @@ def prune(
     holds the figures (and fidelity against the dense model for inexact or compensated
     groups); ``report`` writes them as JSON. With ``output`` the pruned model is written
     (atomically, only once it verified).
+
+    ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) or ``provider`` (an installed
+    onnxruntime execution provider) says where calibration, activations and the checks run;
+    ``auto`` uses CUDA when a session can be created there, else the CPU (``result.device``).
     """
     from spa.api import check_output_path
     from spa.criteria import get
@@ -403,8 +411,13 @@ def prune(
               None if kinds is None else tuple(kinds), gqa, seed, output, plan_out, report, verify, run,
               check_equivalence, input_shapes, progress, data, loss_fn, calibration, calibration_batches,
               allocation, example_inputs=example_inputs, module=module, spec=spec)
-    for _, stage in STAGES:
-        stage(job)
+    from spa import runtime
+
+    with runtime.use_device(device, provider) as dev:
+        job.progress.note(f"running models on {dev.name}" + (f": {dev.note}" if dev.note else ""))
+        for _, stage in STAGES:
+            stage(job)
+    job.result.device = dev.name
     return job.result
 
 

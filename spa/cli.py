@@ -34,6 +34,14 @@ def _input_shapes(specs: list[str] | None) -> dict | None:
     return shapes
 
 
+def _add_device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", metavar="auto|cpu|cuda[:N]",
+                   help="where models run (checks, calibration, bench): auto uses CUDA when a session can be "
+                        "created there, else the CPU (default: auto)")
+    p.add_argument("--provider", metavar="NAME", help="an installed onnxruntime execution provider instead "
+                                                       "(e.g. TensorrtExecutionProvider)")
+
+
 def _add_shape_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-shape", action="append", metavar="NAME=D1,D2,..",
                    help="concrete shape of an input (or value of a symbolic dim) for running the model; "
@@ -87,12 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run the equivalence check even above the size limit (1 GiB of weights)")
     pr.add_argument("--report", metavar="FILE", help="write the prune summary (equivalence, fidelity) as JSON")
     _add_shape_arg(pr)
+    _add_device_args(pr)
 
     ap = sub.add_parser("apply", help="apply a JSON plan to a model")
     ap.add_argument("model")
     ap.add_argument("plan")
     ap.add_argument("-o", "--output", required=True)
     _add_shape_arg(ap)
+    _add_device_args(ap)
 
     be = sub.add_parser("bench", help="params, MACs and median onnxruntime latency, side by side")
     be.add_argument("model")
@@ -100,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--runs", type=int, default=30)
     be.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     _add_shape_arg(be)
+    _add_device_args(be)
 
     de = sub.add_parser("demo", help="build a small ResNet, prune it 50%%, verify it and compare")
     de.add_argument("--ratio", type=float, default=0.5)
@@ -136,7 +147,7 @@ def _cmd_prune(args) -> int:
         protect=args.protect, kinds=args.kinds, gqa=args.gqa, seed=args.seed, calibration=args.calibration,
         calibration_batches=args.calibration_batches, allocation=args.allocation, output=args.output, plan_out=args.plan_out,
         input_shapes=_input_shapes(args.input_shape), progress=prog, verify=True, run=not args.no_verify,
-        check_equivalence=args.check_equivalence, report=args.report,
+        check_equivalence=args.check_equivalence, report=args.report, device=args.device, provider=args.provider,
     )
     pruned = len(result.plan.pruned_groups)
     removed = sum(g.removed for g in result.plan.groups)
@@ -151,7 +162,7 @@ def _cmd_prune(args) -> int:
             for name, fn in (("params", count_params), ("MACs", lambda m: count_macs(m, shapes)))]
     print(table(["", "before", "after", "ratio"], rows, "lrrr"))
     if result.equivalence is not None and not result.equivalence.skipped:
-        print(f"check: {result.equivalence.summary()}")
+        print(f"check: {result.equivalence.summary()} (on {result.device})")
     for note in result.notes:
         print(f"note: {note}")
     return 0
@@ -166,7 +177,8 @@ def _cmd_apply(args) -> int:
         model = spa.load(args.model)
     if Path(args.output).resolve() == Path(args.model).resolve():
         raise ArgumentError("the output path is the input model; SPA never overwrites its input")
-    out = spa.apply_plan(model, plan, input_shapes=_input_shapes(args.input_shape), progress=prog)
+    out = spa.apply_plan(model, plan, input_shapes=_input_shapes(args.input_shape), progress=prog,
+                         device=args.device, provider=args.provider)
     spa.save(out, args.output)
     print(f"applied {len(plan.pruned_groups)} pruned groups -> {args.output}")
     return 0
@@ -179,14 +191,21 @@ def bench_rows(paths: list, runs: int = 30, threads: int | None = None, input_sh
     from spa.io import to_proto
     from spa.metrics import count_macs, count_params
 
+    from spa.errors import UnsupportedModelError
+
     stats = []
     feeds = None
     for path in paths:
         model = spa.load(path)
-        sess = runtime.session(to_proto(model), threads=threads)
-        if feeds is None or set(feeds) != {i.name for i in sess.get_inputs()}:
-            feeds = runtime.random_feeds(sess, input_shapes)
-        stats.append((count_params(model), count_macs(model, input_shapes), runtime.latency_ms(sess, feeds, runs=runs)))
+        try:
+            sess = runtime.session(to_proto(model), threads=threads)
+            if feeds is None or set(feeds) != {i.name for i in sess.get_inputs()}:
+                feeds = runtime.random_feeds(sess, input_shapes)
+            latency = runtime.latency_ms(sess, feeds, runs=runs)
+        except runtime.ort_errors() as exc:
+            raise UnsupportedModelError(f"onnxruntime cannot run {path} on {runtime.current_device().name}: "
+                                        f"{str(exc).strip()[:400]}") from exc
+        stats.append((count_params(model), count_macs(model, input_shapes), latency))
     rows = [["params", *[f"{s[0]:,}" for s in stats]], ["MACs", *[f"{s[1]:,}" for s in stats]],
             ["latency (ms, median)", *[f"{s[2]:.3f}" for s in stats]]]
     if len(stats) == 2:
@@ -199,9 +218,13 @@ def _cmd_bench(args) -> int:
     paths = [args.model] + ([args.other] if args.other else [])
     from spa.report import table
 
-    rows = bench_rows(paths, args.runs, args.threads, _input_shapes(args.input_shape))
+    from spa import runtime
+
+    with runtime.use_device(args.device, args.provider) as dev:
+        rows = bench_rows(paths, args.runs, args.threads, _input_shapes(args.input_shape))
     headers = ["metric", Path(args.model).name] + ([Path(args.other).name, "ratio"] if args.other else [])
     print(table(headers, rows, "l" + "r" * (len(headers) - 1)))
+    print(f"device: {dev.name}" + (f" ({dev.note})" if dev.note else ""))
     return 0
 
 
@@ -237,6 +260,16 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"inspect": _cmd_inspect, "prune": _cmd_prune, "apply": _cmd_apply, "bench": _cmd_bench,
                "demo": _cmd_demo}[args.command]
     try:
+        from spa.io import refuse_overwriting_inputs
+
+        refuse_overwriting_inputs(
+            [(flag, getattr(args, attr)) for flag, attr in (("-o", "output"), ("--json", "json"),
+                                                            ("--plan-out", "plan_out"), ("--report", "report"))
+             if getattr(args, attr, None)],
+            [(what, getattr(args, attr)) for what, attr in (("the input model", "model"), ("the plan", "plan"),
+                                                            ("the other model", "other"))
+             if getattr(args, attr, None)],
+            model=getattr(args, "model", None))
         return handler(args)
     except SpaError as exc:
         print(f"spa: error: {exc}", file=sys.stderr)
@@ -244,6 +277,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("spa: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except MemoryError as exc:
+        detail = f" ({exc})" if str(exc) else ""
+        print(f"spa: error: out of memory{detail}; nothing was written. Use smaller --input-shape values or a "
+              "machine with more memory", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug: the last-resort safety net, never the path a user error takes
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        msg = " ".join(str(exc).split())
+        msg = msg if len(msg) <= 500 else msg[:497] + "..."
+        print(f"spa: internal error: {type(exc).__name__}: {msg} — please report this with the model "
+              "(rerun with -v for the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

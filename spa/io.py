@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -9,42 +10,170 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
+from spa.errors import ArgumentError
+
 # Above this a model is written with its weights in an external data file.
 EXTERNAL_DATA_THRESHOLD = 1 << 30
+# External tensors are inlined by to_proto while the serialized model stays under protobuf's limit.
+_INLINE_LIMIT = 1_800_000_000
+
+
+def _make_parent(path: Path) -> list[Path]:
+    """Create ``path``'s missing parent folders; returns those created (outermost first). On
+    failure none of them is left behind."""
+    missing = []
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        missing.append(parent)
+        parent = parent.parent
+    created: list[Path] = []
+    try:
+        for folder in reversed(missing):
+            folder.mkdir()
+            created.append(folder)
+    except OSError:
+        _remove_folders(created)
+        raise
+    return created
+
+
+def _remove_folders(created: list[Path]) -> None:
+    for folder in reversed(created):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+def _write_error(path: Path, exc: OSError) -> ArgumentError:
+    reason = exc.strerror or str(exc)
+    return ArgumentError(f"cannot write {path}: {reason}; nothing was written. Choose an output path in a "
+                         "writable folder (and not an existing directory)")
+
+
+@contextlib.contextmanager
+def _writing(path: Path):
+    """Around writing ``path``: its missing folders are created, and on failure removed again;
+    an OSError becomes an ArgumentError naming the path."""
+    created: list[Path] = []
+    done = False
+    try:
+        created = _make_parent(path)
+        if path.is_dir():
+            raise IsADirectoryError(21, "is a directory", str(path))
+        yield
+        done = True
+    except OSError as exc:
+        raise _write_error(path, exc) from exc
+    finally:
+        if not done:
+            _remove_folders(created)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same folder and a rename: the
+    file is either complete or untouched, and no temp file (or folder created for it) stays
+    behind on failure. OSError becomes an ArgumentError naming the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with _writing(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def _external_initializers(model: ir.Model) -> list[ir.Value]:
+    return [v for graph in model.graphs() for v in graph.initializers.values()
+            if isinstance(v.const_value, ir.ExternalTensor)]
 
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:
-    return ir.serde.serialize_model(model)
+    """The model as a self-contained ModelProto: weights that still live in the input's
+    external data file are inlined (while the proto fits protobuf's 2 GB), so that the proto
+    runs in onnxruntime and is written as one file wherever it goes. ``model`` is unchanged."""
+    external = _external_initializers(model)
+    if not external or sum(v.const_value.nbytes for v in external) + 64 * len(external) > _INLINE_LIMIT:
+        return ir.serde.serialize_model(model)
+    saved = [v.const_value for v in external]
+    try:
+        for v, t in zip(external, saved):
+            v.const_value = ir.Tensor(t.numpy(), dtype=t.dtype, name=t.name)
+        proto = ir.serde.serialize_model(model)
+    finally:
+        for v, t in zip(external, saved):
+            v.const_value = t
+    if proto.ByteSize() > _INLINE_LIMIT:  # the inlined weights pushed it over: keep the references
+        return ir.serde.serialize_model(model)
+    return proto
 
 
 def model_nbytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
+def _refuse_overwriting_own_data(model: ir.Model, targets: list[Path]) -> None:
+    """Writing over a file the model still reads its weights from would modify the input."""
+    resolved = {p.resolve() for p in targets}
+    for v in _external_initializers(model):
+        source = Path(v.const_value.path).resolve()
+        if source in resolved:
+            raise ArgumentError(f"writing {source} would overwrite the external data the model reads initializer "
+                                f"'{v.name}' from (an input file); SPA never modifies its input. Choose another "
+                                "output path")
+
+
 def save(model: ir.Model, path: str | os.PathLike) -> Path:
     """Write ``model`` to ``path`` atomically (external data beside it when it is large)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    data_name = path.name + ".data"
+    _refuse_overwriting_own_data(model, [path, path.parent / data_name])
     if model_nbytes(model) < EXTERNAL_DATA_THRESHOLD:
         atomic_write_bytes(path, to_proto(model).SerializeToString())
         return path
-    data_name = path.name + ".data"
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
+    with _writing(path), tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
         tmp_model = Path(tmp) / path.name
         ir.save(model, tmp_model, external_data=data_name)
         os.replace(Path(tmp) / data_name, path.parent / data_name)
         os.replace(tmp_model, path)
     return path
+
+
+def _external_data_files(model: Path) -> set[Path]:
+    """The files a model's external data names (resolved); empty when the model cannot be
+    parsed (loading it reports why)."""
+    try:
+        proto = onnx.load(str(model), load_external_data=False)
+        from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+        tensors = [t for t in _get_all_tensors(proto) if uses_external_data(t)]
+    except Exception:  # noqa: BLE001 - the frontend reports an unreadable model with its own message
+        return set()
+    files = set()
+    for t in tensors:
+        location = next((e.value for e in t.external_data if e.key == "location"), "")
+        if location and "\0" not in location and not os.path.isabs(location):
+            files.add((model.parent / location).resolve())
+    return files
+
+
+def refuse_overwriting_inputs(outputs, inputs, model=None) -> None:
+    """ArgumentError, before anything is read or written, when an output path (``outputs``:
+    (flag, path) pairs) is an input (``inputs``: (description, path) pairs), another output,
+    or an existing file the ``model`` reads external data from."""
+    seen: dict[Path, str] = {}
+    for flag, path in outputs:
+        where = Path(path).resolve()
+        if where in seen:
+            raise ArgumentError(f"{flag} {path} is the same file as {seen[where]}; give each output its own path")
+        seen[where] = f"{flag} {path}"
+        for what, source in inputs:
+            if where == Path(source).resolve():
+                raise ArgumentError(f"{flag} {path} is {what} {source}; SPA never overwrites its input. "
+                                    "Choose another output path")
+    existing = {p for p in seen if p.is_file()}
+    if existing and model is not None and Path(model).is_file():
+        for data_file in _external_data_files(Path(model)) & existing:
+            raise ArgumentError(f"{seen[data_file]} is the external data file of the input model {model}; "
+                                "SPA never overwrites its input. Choose another output path")

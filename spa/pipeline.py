@@ -119,6 +119,7 @@ class Job:
     dense: ir.Model | None = None
     reference: ir.Model | None = None  # dense with the compensation's weights: what the plan is applied to
     result: PruneResult | None = None
+    notes: list = field(default_factory=list)
 
 
 # ---- stages -----------------------------------------------------------------------------
@@ -141,6 +142,16 @@ def graph_stage(job: Job) -> None:
         job.dg = DependencyGraph(job.model)
         groups = job.dg.groups
     job.progress.note(f"{len(groups)} prunable groups, {len(job.dg.blocked_groups)} blocked")
+    if not groups:
+        blocked = job.dg.blocked_groups
+        barriers = job.dg.relevant_barriers()
+        if barriers:
+            why = "; barriers: " + ", ".join(f"{(b.domain + '::') if b.domain else ''}{b.op} '{b.node}'"
+                                              for b in barriers[:3]) + (" ..." if len(barriers) > 3 else "")
+        else:
+            why = f"; the first: {blocked[0].key}: {blocked[0].reason}" if blocked else ""
+        job.notes.append(f"no prunable group: {len(blocked)} parameter axes are blocked{why}. "
+                         "`spa inspect MODEL` lists every blocked axis and barrier")
 
 
 def statistics_stage(job: Job) -> None:
@@ -218,7 +229,7 @@ def apply_stage(job: Job) -> None:
 
     with job.progress.step(f"applying plan ({len(job.plan.pruned_groups)} groups pruned)"):
         apply_in_place(job.model, job.plan, graph=job.dg)
-    job.result = PruneResult(job.model, job.plan, job.dg, dense=job.dense)
+    job.result = PruneResult(job.model, job.plan, job.dg, dense=job.dense, notes=list(job.notes))
 
 
 def check_stage(job: Job) -> None:
@@ -250,15 +261,27 @@ def module_stage(job: Job) -> None:
 
 
 def write_stage(job: Job) -> None:
+    """The model, then the plan and the report; if one write fails, those already written are
+    removed, so a failed prune leaves nothing behind."""
     from spa.io import atomic_write_bytes
 
-    if job.plan_out is not None:
-        job.plan.to_json(job.plan_out)
-    if job.output is not None:
-        with job.progress.step(f"writing {job.output}"):
-            job.result.save(job.output)
-    if job.report_out is not None:
-        atomic_write_bytes(Path(job.report_out), json.dumps(job.result.report(), indent=1).encode())
+    written: list[Path] = []
+    try:
+        if job.output is not None:
+            with job.progress.step(f"writing {job.output}"):
+                job.result.save(job.output)
+            written.append(Path(job.output))
+        if job.plan_out is not None:
+            job.plan.to_json(job.plan_out)
+            written.append(Path(job.plan_out))
+        if job.report_out is not None:
+            atomic_write_bytes(Path(job.report_out), json.dumps(job.result.report(), indent=1).encode())
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+            if path.suffix == ".onnx":
+                Path(str(path) + ".data").unlink(missing_ok=True)
+        raise
 
 
 STAGES: tuple[tuple[str, Callable[[Job], None]], ...] = (

@@ -64,11 +64,21 @@ class Plan:
             raise PlanError("not an SPA plan: expected a JSON object with \"format\": \"spa-plan\"")
         if data.get("version") != PLAN_VERSION:
             raise PlanError(f"plan version {data.get('version')!r} is not supported (expected {PLAN_VERSION})")
+        if not isinstance(data.get("groups", []), list):
+            raise PlanError("plan \"groups\" must be a list of {key, size, keep} objects")
+        if not isinstance(data.get("meta", {}), dict):
+            raise PlanError("plan \"meta\" must be an object")
         groups = []
         for i, g in enumerate(data.get("groups", [])):
             try:
-                key, size, keep = str(g["key"]), int(g["size"]), tuple(sorted(int(k) for k in g["keep"]))
-            except (KeyError, TypeError, ValueError) as exc:
+                if not isinstance(g, dict) or not isinstance(g.get("keep"), list) or \
+                        not isinstance(g.get("size"), int) or isinstance(g.get("size"), bool):
+                    raise TypeError("key must be a string, size an integer and keep a list of integers")
+                key, size = str(g["key"]), int(g["size"])
+                if not all(isinstance(k, int) and not isinstance(k, bool) for k in g["keep"]):
+                    raise TypeError("keep must be a list of integers")
+                keep = tuple(sorted(int(k) for k in g["keep"]))
+            except (KeyError, TypeError, ValueError, OverflowError) as exc:
                 raise PlanError(f"plan group #{i} is malformed ({exc}); it needs key, size and keep") from exc
             if not keep:
                 raise PlanError(f"plan group '{key}' keeps no channel; a group is never emptied")
@@ -77,8 +87,10 @@ class Plan:
             slots = g.get("slots")
             if slots is not None:
                 try:
+                    if not isinstance(slots, list):
+                        raise TypeError("slots must be a list of integers")
                     slots = tuple(sorted(int(k) for k in slots))
-                except (TypeError, ValueError) as exc:
+                except (TypeError, ValueError, OverflowError) as exc:
                     raise PlanError(f"plan group '{key}' has malformed slots ({exc})") from exc
                 if not slots or len(set(slots)) != len(slots) or slots[0] < 0:
                     raise PlanError(f"plan group '{key}': slots must be distinct, non-negative and not empty")
@@ -93,6 +105,6 @@ class Plan:
             else:
                 text = Path(source).read_text()
             data = json.loads(text)
-        except (OSError, json.JSONDecodeError) as exc:
-            raise PlanError(f"cannot read plan {source}: {exc}") from exc
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as exc:
+            raise PlanError(f"cannot read plan {source}: {type(exc).__name__}: {exc}"[:500]) from exc
         return cls.from_dict(data)

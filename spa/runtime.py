@@ -303,12 +303,22 @@ def concrete_shape(name: str, shape, overrides: dict | None = None) -> tuple[int
     return tuple(out)
 
 
+#: Synthetic inputs larger than this are refused (a mistyped --input-shape, a huge declared dim).
+MAX_FEED_BYTES = 8 << 30
+
+
 def random_feeds(sess, overrides: dict | None = None, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     feeds = {}
     for i in sess.get_inputs():
         shape = concrete_shape(i.name, i.shape, overrides)
         dtype = _NP_TYPES.get(i.type, np.float32)
+        nbytes = int(np.prod([int(s) for s in shape], dtype=object)) * np.dtype(dtype).itemsize
+        if nbytes > MAX_FEED_BYTES or any(int(s) < 0 for s in shape):
+            from spa.errors import ArgumentError
+
+            raise ArgumentError(f"input '{i.name}' of shape {list(shape)} would take {nbytes:,} bytes; pass a "
+                                f"smaller shape with --input-shape {i.name}=D1,D2,... (input_shapes=...)")
         if np.issubdtype(dtype, np.floating):
             feeds[i.name] = rng.standard_normal(shape).astype(dtype)
         elif dtype is np.bool_:

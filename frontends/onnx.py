@@ -31,7 +31,13 @@ from google.protobuf.message import Error as ProtobufError
 from spa.errors import FrontendError
 from spa.io import model_nbytes, save, to_proto  # noqa: F401  (re-exported)
 
-MIN_OPSET = 11
+#: The oldest default-domain opset SPA analyses. Models are analysed and written at their own
+#: opset: onnx.version_converter has no way back for many ops (measured with onnx 1.23: Gemm 11->10,
+#: Clip 11->10, Relu 14->13, BatchNormalization 15->14), so converting up for analysis and back
+#: down would refuse most model-zoo files; the rules read the old op forms instead.
+MIN_OPSET = 7
+#: meta key: the form the model came in (opset, IR version, initializers listed as inputs).
+SOURCE_FORM = "spa.source_form"
 # A graph input declared larger than this (1 TiB) cannot be fed on any machine: its shape is
 # corrupt (or a placeholder), and every run with synthetic inputs would fail allocating it.
 MAX_INPUT_BYTES = 1 << 40
@@ -63,7 +69,22 @@ def load(source) -> ir.Model:
     _check_opset(model, what)
     _check_inputs(model, what)
     _check_acyclic(model, what)
+    _record_source_form(model)
     return model
+
+
+def _record_source_form(model: ir.Model) -> None:
+    """Remember the opset, IR version and IR-3 form (every initializer also a graph input) the
+    model came in, so the writer gives them back; analysis uses IR >= 4 semantics."""
+    inputs = {v.name for v in model.graph.inputs}
+    inits = set(model.graph.initializers)
+    model.meta[SOURCE_FORM] = {
+        "opset": model.opset_imports.get("", model.opset_imports.get("ai.onnx")),
+        "ir_version": int(model.ir_version),
+        "initializers_as_inputs": bool(inits) and inits <= inputs,
+    }
+    if model.ir_version < 4:  # IR 3 requires initializers among the inputs; SPA takes them out
+        model.ir_version = 4
 
 
 # ----------------------------------------------------------------------------- reading
@@ -348,7 +369,7 @@ def _check_opset(model: ir.Model, what: str) -> None:
             "model.opset_import.append(onnx.helper.make_opsetid('', 17))")
     if opset < MIN_OPSET:
         raise FrontendError(
-            f"{what} uses ONNX opset {opset}; SPA needs opset {MIN_OPSET} or newer. Convert it first: "
+            f"{what} uses ONNX opset {opset}; SPA reads opset {MIN_OPSET} or newer. Convert it first: "
             f"onnx.version_converter.convert_version(model, {MIN_OPSET})"
         )
 
@@ -403,3 +424,31 @@ def _check_acyclic(model: ir.Model, what: str) -> None:
     raise FrontendError(
         f"{what} has a cycle: {' -> '.join(names + names[:1])} (each reads the output of the one before); "
         "ONNX graphs must be acyclic. The file is corrupt or was edited by hand; re-export it")
+
+
+def convert_opset(model: ir.Model, target: int) -> ir.Model:
+    """``model`` converted to default-domain opset ``target`` with onnx.version_converter (other
+    domains untouched). Where the converter has no adapter for an op, a FrontendError names the
+    op and the opsets (never a group)."""
+    import re
+
+    from spa.io import min_ir_version, to_proto
+
+    current = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+    if target == current:
+        return model
+    if target < MIN_OPSET:
+        raise FrontendError(f"target opset {target}: SPA writes opset {MIN_OPSET} or newer")
+    try:
+        converted = onnx.version_converter.convert_version(to_proto(model), int(target))
+    except (RuntimeError, ValueError, onnx.checker.ValidationError) as exc:
+        text = str(exc)
+        found = re.search(r"(?:From|To) Version \$?(\d+) for (\w+)", text)
+        what = (f"op {found.group(2)} (no adapter at opset {found.group(1)} in onnx.version_converter)"
+                if found else text.strip().splitlines()[-1][:300])
+        raise FrontendError(f"cannot convert the pruned model from opset {current} to {target}: {what}. "
+                            f"Choose another --target-opset, or leave it out to keep opset {current}") from exc
+    converted.ir_version = max(converted.ir_version, min_ir_version(int(target)))
+    out = ir.serde.deserialize_model(converted)
+    out.meta.update(model.meta)
+    return out

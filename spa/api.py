@@ -29,7 +29,7 @@ def load(source) -> ir.Model:
 
     model = load_onnx(source)
     if isinstance(source, ir.Model):
-        model = model.clone()
+        model = clone(model)
     CanonicalizePass()(model)
     return model
 

@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     eqv.add_argument("--check-equivalence", dest="check_equivalence", action="store_true",
                      help="run the equivalence check even above the size limit (1 GiB of weights)")
     pr.add_argument("--report", metavar="FILE", help="write the prune summary (equivalence, fidelity) as JSON")
+    pr.add_argument("--target-opset", type=int, metavar="N",
+                    help="write the pruned model at default-domain opset N (onnx.version_converter); "
+                         "default: the input's opset and IR version")
     _add_shape_arg(pr)
     _add_device_args(pr)
 
@@ -148,6 +151,7 @@ def _cmd_prune(args) -> int:
         calibration_batches=args.calibration_batches, allocation=args.allocation, output=args.output, plan_out=args.plan_out,
         input_shapes=_input_shapes(args.input_shape), progress=prog, verify=True, run=not args.no_verify,
         check_equivalence=args.check_equivalence, report=args.report, device=args.device, provider=args.provider,
+        target_opset=args.target_opset,
     )
     pruned = len(result.plan.pruned_groups)
     removed = sum(g.removed for g in result.plan.groups)
@@ -161,6 +165,10 @@ def _cmd_prune(args) -> int:
     rows = [[name, f"{fn(before):,}", f"{fn(after):,}", f"{fn(after) / max(fn(before), 1):.3f}"]
             for name, fn in (("params", count_params), ("MACs", lambda m: count_macs(m, shapes)))]
     print(table(["", "before", "after", "ratio"], rows, "lrrr"))
+    form = result.form()
+    print(f"form: opset {form['opset']['in']} -> {form['opset']['out']}, "
+          f"IR version {form['ir_version']['in']} -> {form['ir_version']['out']}")
+    print(f"ran on: {result.device}")
     if result.equivalence is not None and not result.equivalence.skipped:
         print(f"check: {result.equivalence.summary()} (on {result.device})")
     for note in result.notes:

@@ -124,9 +124,47 @@ def _refuse_overwriting_own_data(model: ir.Model, targets: list[Path]) -> None:
                                 "output path")
 
 
+SOURCE_FORM = "spa.source_form"  # set by spa.frontends.onnx when a model is read
+
+
+def min_ir_version(opset: int) -> int:
+    """The oldest IR version that holds a default-domain opset (onnx.helper.VERSION_TABLE)."""
+    from onnx.helper import VERSION_TABLE
+
+    return min((row[1] for row in VERSION_TABLE if row[2] >= opset), default=VERSION_TABLE[-1][1])
+
+
+def output_form(model: ir.Model) -> ir.Model:
+    """``model`` in the IR form it was read in: the input's IR version where the output's opset
+    allows it, and (IR 3) every initializer also listed as a graph input, with its new shape.
+    A copy when anything changes (tensors shared); the model itself otherwise."""
+    form = model.meta.get(SOURCE_FORM)
+    if not form:
+        return model
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx")) or 0
+    if opset == form["opset"]:  # the input's opset: the input's IR version holds it
+        ir_version = int(form["ir_version"])
+    else:  # converted (--target-opset): the newer of the input's and what the opset needs
+        ir_version = max(int(form["ir_version"]), min_ir_version(opset))
+    as_inputs = form.get("initializers_as_inputs") or ir_version < 4
+    if ir_version == model.ir_version and not as_inputs:
+        return model
+    out = model.clone()
+    out.meta.update(model.meta)
+    out.ir_version = ir_version
+    if as_inputs:
+        listed = {v.name for v in out.graph.inputs}
+        for name, v in out.graph.initializers.items():
+            if name not in listed:
+                out.graph.inputs.append(v)
+    return out
+
+
 def save(model: ir.Model, path: str | os.PathLike) -> Path:
-    """Write ``model`` to ``path`` atomically (external data beside it when it is large)."""
+    """Write ``model`` to ``path`` atomically (external data beside it when it is large), in
+    the IR form the input came in (:func:`output_form`)."""
     path = Path(path)
+    model = output_form(model)
     data_name = path.name + ".data"
     _refuse_overwriting_own_data(model, [path, path.parent / data_name])
     if model_nbytes(model) < EXTERNAL_DATA_THRESHOLD:

@@ -1,6 +1,6 @@
 """``spa.prune``: a short list of named stages over one job record.
 
-    load -> graph -> statistics -> score -> allocate -> compensate -> apply -> check -> module -> write
+    load -> graph -> statistics -> score -> allocate -> compensate -> apply -> convert -> check -> module -> write
 
 No stage names a criterion: what a criterion needs (activations, gradients) and its optional
 compensation come from its registration (``spa.criteria``). The dependency graph is built
@@ -57,6 +57,15 @@ class PruneResult:
         self.saved_to = save(self.model, path)
         return self.saved_to
 
+    def form(self) -> dict:
+        """Opset and IR version in and out."""
+        from spa.io import output_form
+
+        source = (self.dense.meta.get("spa.source_form") if self.dense is not None else None) or {}
+        out = output_form(self.model)
+        return {"opset": {"in": source.get("opset"), "out": out.opset_imports.get("", out.opset_imports.get("ai.onnx"))},
+                "ir_version": {"in": source.get("ir_version"), "out": int(out.ir_version)}}
+
     def report(self) -> dict:
         """A JSON-ready summary: plan counts, the equivalence check, fidelity, notes."""
         groups = {g.key: g for g in self.graph.groups}
@@ -72,6 +81,7 @@ class PruneResult:
             "equivalence": None if self.equivalence is None else self.equivalence.as_dict(),
             "notes": list(self.notes),
             "device": self.device,
+            "form": self.form(),
             "output": None if self.saved_to is None else str(self.saved_to),
         }
 
@@ -120,6 +130,7 @@ class Job:
     reference: ir.Model | None = None  # dense with the compensation's weights: what the plan is applied to
     result: PruneResult | None = None
     notes: list = field(default_factory=list)
+    target_opset: int | None = None
 
 
 # ---- stages -----------------------------------------------------------------------------
@@ -232,6 +243,18 @@ def apply_stage(job: Job) -> None:
     job.result = PruneResult(job.model, job.plan, job.dg, dense=job.dense, notes=list(job.notes))
 
 
+def convert_stage(job: Job) -> None:
+    """``target_opset``: the pruned model converted with onnx.version_converter (then checked
+    like any output). Without it the output keeps the input's opset and IR form."""
+    if job.target_opset is None:
+        return
+    from spa.frontends.onnx import convert_opset
+
+    with job.progress.step(f"converting to opset {job.target_opset}"):
+        job.model = convert_opset(job.model, job.target_opset)
+    job.result.model = job.model
+
+
 def check_stage(job: Job) -> None:
     if not job.verify:
         return
@@ -287,7 +310,7 @@ def write_stage(job: Job) -> None:
 STAGES: tuple[tuple[str, Callable[[Job], None]], ...] = (
     ("load", load_stage), ("graph", graph_stage), ("statistics", statistics_stage), ("score", score_stage),
     ("allocate", allocate_stage), ("compensate", compensate_stage), ("apply", apply_stage),
-    ("check", check_stage), ("module", module_stage), ("write", write_stage),
+    ("convert", convert_stage), ("check", check_stage), ("module", module_stage), ("write", write_stage),
 )
 
 
@@ -307,6 +330,14 @@ def check_output(pruned: ir.Model, reference: ir.Model, dense: ir.Model, dg: Dep
         try:
             VerifyPass()(pruned)
         except ValidationError as exc:
+            try:
+                VerifyPass()(reference)
+            except ValidationError as dense_exc:  # not the pruning's fault: never blame a group
+                raise ValidationError(
+                    f"the input model itself does not pass onnx.checker with strict shape inference "
+                    f"({str(dense_exc).removeprefix('the rewritten model is not valid ONNX: ')}); SPA cannot "
+                    "vouch for a pruned copy of it, and nothing was written. Check the input with "
+                    "onnx.checker.check_model(model, full_check=True)") from exc
             raise blame_invalid(reference, plan, input_shapes, False, exc) from exc
     report = VerifyReport(checker=True)
     if not run:
@@ -376,6 +407,7 @@ def prune(
     allocation: str = "uniform",
     device: str = "auto",
     provider: str | None = None,
+    target_opset: int | None = None,
 ) -> PruneResult:
     """Prune ``model`` (a path, bytes, onnx.ModelProto, onnx_ir.Model or torch ``nn.Module``).
 
@@ -405,6 +437,10 @@ def prune(
     groups); ``report`` writes them as JSON. With ``output`` the pruned model is written
     (atomically, only once it verified).
 
+    The output keeps the input's opset (7 and newer are read as they are) and IR form (IR 3:
+    initializers listed as graph inputs); ``target_opset`` converts it with onnx's version
+    converter, refusing with the op named where the converter cannot.
+
     ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) or ``provider`` (an installed
     onnxruntime execution provider) says where calibration, activations and the checks run;
     ``auto`` uses CUDA when a session can be created there, else the CPU (``result.device``).
@@ -433,7 +469,7 @@ def prune(
     job = Job(model, ratio, criterion, reduction, normalization, global_pruning, round_to, tuple(protect),
               None if kinds is None else tuple(kinds), gqa, seed, output, plan_out, report, verify, run,
               check_equivalence, input_shapes, progress, data, loss_fn, calibration, calibration_batches,
-              allocation, example_inputs=example_inputs, module=module, spec=spec)
+              allocation, example_inputs=example_inputs, module=module, spec=spec, target_opset=target_opset)
     from spa import runtime
 
     with runtime.use_device(device, provider) as dev:

@@ -92,9 +92,10 @@ def _basic(b: GraphBuilder, x: str, cin: int, cout: int, stride: int) -> str:
 
 
 def resnet(depths=(2, 2, 2, 2), widths=(64, 128, 256, 512), bottleneck: bool = False, image: int = 224,
-           classes: int = 1000, batch: int | str = "batch", seed: int = 0) -> onnx.ModelProto:
-    """A ResNet-style classifier (ResNet-18 by default; ResNet-50 with bottleneck=True, depths 3,4,6,3)."""
-    b = GraphBuilder(seed)
+           classes: int = 1000, batch: int | str = "batch", seed: int = 0, opset: int = 17) -> onnx.ModelProto:
+    """A ResNet-style classifier (ResNet-18 by default; ResNet-50 with bottleneck=True, depths 3,4,6,3);
+    every op it uses exists from opset 9 on."""
+    b = GraphBuilder(seed, opset)
     x = b.conv_bn("input", 3, 64, 7, 2)
     x = b.op("MaxPool", [x], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
     cin = 64

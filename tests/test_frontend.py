@@ -96,9 +96,9 @@ def test_opset_11_is_supported():
     check_masked_equivalence(build(head(11) + CHAIN))
 
 
-def test_opset_below_11_is_refused_with_advice():
-    m = build(head(9) + CHAIN)
-    with pytest.raises(FrontendError, match="opset 9.*version_converter"):
+def test_opset_below_7_is_refused_with_advice():
+    m = build(head(6) + CHAIN)
+    with pytest.raises(FrontendError, match="opset 6.*version_converter"):
         spa.load(m)
 
 

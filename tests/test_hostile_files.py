@@ -148,7 +148,7 @@ def build_corpus(root: Path) -> dict[str, Path]:
     files["ext_short"] = _write(root, "ext_short", with_external_w1("weights.bin"))
     (root / "ext_short" / "weights.bin").write_bytes(b"\0" * 100)
     files["zipmap"] = _write(root, "zipmap", _zipmap())
-    files["opset9"] = _write(root, "opset9", small_conv(opset=9))
+    files["opset6"] = _write(root, "opset6", small_conv(opset=6))
     files["no_default_opset"] = _write(root, "no_default_opset", _no_default_opset())
     # valid models
     files["ai_onnx_domain"] = _write(root, "ai_onnx_domain", small_conv(domain="ai.onnx"))
@@ -185,7 +185,7 @@ HOSTILE = {
     "ext_missing": r"initializer 'w1' stores its data in 'weights\.bin', which does not exist",
     "ext_short": r"initializer 'w1' declares shape \[8, 3, 3, 3\].*'weights\.bin', but that file is 100 bytes",
     "zipmap": r"graph output 'probs' has type seq\(map\(int64, tensor\(float\)\)\).*zipmap",
-    "opset9": r"uses ONNX opset 9; SPA needs opset 11 or newer.*version_converter",
+    "opset6": r"uses ONNX opset 6; SPA reads opset 7 or newer.*version_converter",
     "no_default_opset": r"imports no default ONNX opset.*make_opsetid",
 }
 VALID = ("ai_onnx_domain", "ext_valid")

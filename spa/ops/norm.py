@@ -17,6 +17,8 @@ def batch_norm(ctx: RuleContext) -> None:
     x, y = ctx.inp(0), ctx.out(0)
     if len([o for o in ctx.node.outputs if o is not None and o.name and o.uses()]) > 1:
         ctx.refuse("BatchNormalization in training mode (running statistics are outputs)")
+    if ctx.opset < 9 and int(ctx.attr("spatial", 1)) == 0:
+        ctx.refuse("BatchNormalization with spatial=0 (statistics per element, not per channel)")
     for dx, dy in zip(ctx.dims(x), ctx.dims(y)):
         ctx.couple(dx, dy)
     c = ctx.dim(x, 1)

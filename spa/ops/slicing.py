@@ -67,9 +67,15 @@ def split(ctx: RuleContext) -> None:
 
 
 def _slice_params(ctx: RuleContext, x):
+    r = ctx.rank(x)
+    if ctx.opset < 10:  # Slice-1: starts, ends and axes are attributes
+        starts = np.array(ctx.attr("starts"), dtype=np.int64)
+        ends = np.array(ctx.attr("ends"), dtype=np.int64)
+        axes = ctx.attr("axes")
+        axes = np.arange(len(starts)) if axes is None else np.array(axes, dtype=np.int64) % r
+        return starts, ends, axes, np.ones(len(starts), np.int64)
     starts = ctx.require_const(ctx.inp(1), "Slice starts").astype(np.int64)
     ends = ctx.require_const(ctx.inp(2), "Slice ends").astype(np.int64)
-    r = ctx.rank(x)
     axes = ctx.const(ctx.inp(3))
     axes = np.arange(len(starts)) if axes is None else axes.astype(np.int64) % r
     steps = ctx.const(ctx.inp(4))
@@ -96,7 +102,7 @@ def slice_(ctx: RuleContext) -> None:
         start = min(max(s + n if s < 0 else s, 0), n)
         ctx.couple(ctx.dim(y, a), ctx.dim(x, a), offset(start))
     _free_inputs(ctx, 1)
-    node, x_dims, y_dims = ctx.node, ctx.dims(x), ctx.dims(y)
+    node, x_dims, y_dims, opset = ctx.node, ctx.dims(x), ctx.dims(y), ctx.opset
     ax_list = [int(a) for a in axes]
 
     def fix(apply) -> None:
@@ -113,7 +119,11 @@ def slice_(ctx: RuleContext) -> None:
             new_starts[k] = new_start
             new_ends[k] = new_start + apply.new_size(dy)
             changed = True
-        if changed:
+        if changed and opset < 10:
+            apply.set_attr(node, "starts", [int(v) for v in new_starts])
+            apply.set_attr(node, "ends", [int(v) for v in new_ends])
+            apply.set_attr(node, "axes", ax_list)
+        elif changed:
             apply.set_input_const(node, 1, new_starts)
             apply.set_input_const(node, 2, new_ends)
             if len(node.inputs) < 4 or node.inputs[3] is None:
@@ -185,8 +195,10 @@ def tile(ctx: RuleContext) -> None:
 def _resize_factors(ctx: RuleContext, x):
     """Per-axis (scale, size) operands of Resize/Upsample, None where absent."""
     r = ctx.rank(x)
-    if ctx.op == "Upsample":
+    if ctx.op == "Upsample" or ctx.opset < 11:  # Upsample, and Resize-10: (X, scales)
         scales = ctx.const(ctx.inp(1)) if ctx.opset >= 9 else np.array(ctx.attr("scales"))
+        if scales is None:
+            ctx.refuse(f"{ctx.op} scales are not constant")
         return scales, None, list(range(r))
     scales = ctx.const(ctx.inp(2)) if len(ctx.node.inputs) > 2 and ctx.inp(2) is not None else None
     sizes = ctx.const(ctx.inp(3)) if len(ctx.node.inputs) > 3 and ctx.inp(3) is not None else None

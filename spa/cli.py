@@ -253,7 +253,8 @@ def _cmd_demo(args) -> int:
             atomic_write_bytes(dense, zoo.small_resnet().SerializeToString())
         result = spa.prune(dense, args.ratio, criterion="l1", output=pruned, progress=prog)
         print(f"\n{len(result.graph.groups)} groups found; {len(result.plan.pruned_groups)} pruned at ratio {args.ratio}; "
-              f"verified: checker={result.verify_report.checker}, onnxruntime run={result.verify_report.ran}\n")
+              f"verified: checker={result.verify_report.checker}, onnxruntime run={result.verify_report.ran}; "
+              f"{result.equivalence.summary() if result.equivalence is not None else ''}\n")
         with prog.step("benchmarking both models"):
             rows = bench_rows([dense, pruned], runs=50)
         print(table(["metric", "dense", "pruned", "ratio"], rows, "lrrr"))

@@ -165,16 +165,36 @@ class ApplyPlanPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, True)
 
     @staticmethod
+    def _keep_for_other_readers(dg: DependencyGraph, v: ir.Value, coupled: set[str]) -> None:
+        """A constant is sliced for the nodes that tie its axes to the group; a node that reads
+        it without such a tie (exporters share equal constants: Gather indices that are also
+        Split sizes) keeps the original values, through a copy."""
+        others = [(node, i) for node, i in v.uses() if (node.name or f"<{node.op_type}>") not in coupled]
+        if not others:
+            return
+        arr = v.const_value.numpy()
+        name = f"{v.name}_spa_kept"
+        copy = ir.Value(name=name, shape=ir.Shape(arr.shape), type=v.type, const_value=ir.tensor(arr.copy(), name=name))
+        dg.model.graph.register_initializer(copy)
+        for node, i in others:
+            node.replace_input_with(i, copy)
+
+    @staticmethod
     def _slice(dg: DependencyGraph, kept: dict[Dim, np.ndarray]) -> None:
         by_value: dict[str, list[tuple[int, np.ndarray]]] = defaultdict(list)
         for d, idx in kept.items():
             if not d.virtual:
                 by_value[d.value].append((d.axis, idx))
+        coupled_by: dict[str, set[str]] = defaultdict(set)
+        for e in dg.edges:
+            coupled_by[e.src.value].add(e.node)
+            coupled_by[e.dst.value].add(e.node)
         for name, cuts in by_value.items():
             v = dg.values.get(name)
             if v is None:
                 continue
             if v.const_value is not None:
+                ApplyPlanPass._keep_for_other_readers(dg, v, coupled_by[name])
                 arr = v.const_value.numpy()
                 for axis, idx in cuts:
                     arr = np.take(arr, idx, axis=axis)

@@ -95,6 +95,7 @@ class Builder:
         self.n = 0
         self.blocks: list[str] = []
         self.int_cache: dict[tuple, str] = {}
+        self.dynamic_spatial = False  # an image input declared [N, C, "H", "W"]
         self.vocab: int | None = None  # the graph starts from token ids
         self.table: str | None = None  # their embedding table [vocab, D]
         self.float_cache: dict[tuple, str] = {}
@@ -372,13 +373,10 @@ def img_block(b: Builder, x: Tensor, depth: int, keep_spatial: bool) -> Tensor:
             r = b.op(op, [x], (BATCH, 1, h, w), axes=[1], keepdims=1)
         s = b.op("Sigmoid", [r], r.shape)
         return b.op("Mul", [x, s] if b.bool() else [s, x], x.shape)
-    if kind == "channel_norm":  # norms across channels (inexact or blocked) or per channel (MVN: exact)
-        op = b.choice(["LRN", "LpNormalization", "MeanVarianceNormalization"])
-        if op == "LRN":
-            return b.op(op, [x], x.shape, size=b.choice([1, 3]), alpha=0.01)
-        if op == "LpNormalization":
-            return b.op(op, [x], x.shape, axis=1, p=b.choice([1, 2]))
-        return b.op(op, [x], x.shape)
+    if kind == "channel_norm":  # norms across channels: inexact or blocked
+        if b.bool():
+            return b.op("LRN", [x], x.shape, size=b.choice([1, 3]), alpha=0.01)
+        return b.op("LpNormalization", [x], x.shape, axis=1, p=b.choice([1, 2]))
     if kind == "spatial_reduce":  # per channel over H, W, kept as [N, C, 1, 1] and broadcast back
         op = b.choice(["ReduceMax", "ReduceL2", "ReduceSumSquare", "ReduceMean", "GlobalLpPool", "GlobalMaxPool"])
         if op.startswith("Global"):
@@ -681,6 +679,7 @@ def graphs(draw, max_blocks: int = 7) -> GraphCase:
     elif start == "img":
         s = b.int(4, 8)
         shape = (BATCH, b.int(1, 6), s, s if b.int(0, 3) else b.int(4, 8))
+        b.dynamic_spatial = b.int(0, 5) == 5
     elif start == "seq":
         shape = (BATCH, b.int(2, 6), channels(b))
     else:
@@ -711,6 +710,11 @@ def graphs(draw, max_blocks: int = 7) -> GraphCase:
     if x.kind == "seq" and b.int(0, 2) == 2:
         x = stage(seq_to_vec(b, x), b.int(0, 2))
     out = head(b, x)
+    post = b.int(0, 9)  # sometimes the last layer's output reaches the graph output through an op
+    if post == 8:
+        out = b.op("Identity", [out], out.shape)
+    elif post == 9:
+        out = b.op(b.choice(["Sigmoid", "Softmax", "Relu"]), [out], out.shape)
     outputs = [out] + [t for t in extra_outputs if t.name != out.name]
     model = make_model(b, inp, outputs)
     if b.vocab:
@@ -724,14 +728,19 @@ def concrete(shape, batch: int) -> tuple:
     return tuple(batch if d == BATCH else d for d in shape)
 
 
-def value_info(t: Tensor, b: Builder, elem=TensorProto.FLOAT):
+def value_info(t: Tensor, b: Builder, elem=TensorProto.FLOAT, is_input: bool = False):
     dims = [BATCH if d == BATCH and b.dynamic else b.batch if d == BATCH else d for d in t.shape]
+    if b.dynamic_spatial:
+        if is_input:  # [N, C, "H", "W"]: the graph is only run at the sizes it was made for
+            dims[2:] = ["H", "W"]
+        else:  # outputs: declared by rank only
+            dims = [None] * len(dims)
     return helper.make_tensor_value_info(t.name, elem, dims)
 
 
 def make_model(b: Builder, inp: Tensor, outputs: list[Tensor]) -> onnx.ModelProto:
     elem = TensorProto.INT64 if b.vocab else TensorProto.FLOAT
-    graph = helper.make_graph(b.nodes, "random", [value_info(inp, b, elem)], [value_info(t, b) for t in outputs],
+    graph = helper.make_graph(b.nodes, "random", [value_info(inp, b, elem, True)], [value_info(t, b) for t in outputs],
                               initializer=b.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", b.opset)], producer_name="random_graphs")
     model.ir_version = 8 if b.opset <= 18 else 10

@@ -252,40 +252,6 @@ def ort_errors() -> tuple[type[BaseException], ...]:
     return (Fail, InvalidArgument, InvalidGraph, NotImplemented, RuntimeError)
 
 
-class _Arg:
-    """An input as onnxruntime describes it (``name``, ``shape``, ``type``)."""
-
-    def __init__(self, name: str, shape: list, type_: str):
-        self.name, self.shape, self.type = name, shape, type_
-
-
-class ModelInputs:
-    """The graph inputs of an onnx_ir.Model in the shape of a session's ``get_inputs()``, to make
-    feeds without creating a session."""
-
-    def __init__(self, model):
-        self._args = []
-        for v in model.graph.inputs:
-            if v.name in model.graph.initializers:
-                continue
-            shape = [] if v.shape is None else [d if isinstance(d, int) else getattr(d, "value", None)
-                                                for d in v.shape]
-            dtype = v.dtype.numpy() if v.dtype is not None else np.dtype(np.float32)
-            name = next((k for k, t in _NP_TYPES.items() if np.dtype(t) == dtype), "tensor(float)")
-            self._args.append(_Arg(v.name, shape, name))
-
-    def get_inputs(self) -> list:
-        return list(self._args)
-
-
-def ort_errors() -> tuple[type[BaseException], ...]:
-    """The exceptions onnxruntime raises for a model it cannot load or run."""
-    ort()
-    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, InvalidGraph, NotImplemented
-
-    return (Fail, InvalidArgument, InvalidGraph, NotImplemented, RuntimeError)
-
-
 def concrete_shape(name: str, shape, overrides: dict | None = None) -> tuple[int, ...]:
     """Replace symbolic dims: batch (axis 0) -> 1; sequence-like -> 16; spatial (rank 4) -> 64."""
     if overrides and name in overrides:

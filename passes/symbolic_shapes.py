@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import tempfile
 
 import onnx_ir as ir
@@ -20,15 +21,42 @@ import onnx_ir as ir
 log = logging.getLogger("spa")
 
 
+def _entry(d):
+    return d if isinstance(d, int) else getattr(d, "value", d)
+
+
+#: onnxruntime names a size it derives at one op ``<node>_o<i>__d<axis>``.
+_OP_MADE = re.compile(r"_o\d+__d\d+$")
+
+
+def _known(entry) -> int:
+    """How much an entry says: 2 for a static size or a graph symbol, 1 for a size named after
+    the op that made it, 0 for nothing (None, or ONNX inference's ``unk__N``)."""
+    if isinstance(entry, int):
+        return 2
+    if entry is None or entry.startswith("unk__"):
+        return 0
+    return 1 if _OP_MADE.search(entry) else 2
+
+
 def _unknowns(shape) -> int:
     if shape is None:
         return 1 << 30
-    n = 0
-    for d in shape:
-        v = d if isinstance(d, int) else getattr(d, "value", None)
-        if v is None or (isinstance(v, str) and v.startswith("unk__")):
-            n += 1
-    return n
+    return sum(_known(_entry(d)) == 0 for d in shape)
+
+
+def _merged(old, new: list) -> list | None:
+    """``old`` with each entry replaced by ``new``'s where that one says more: a static size or
+    a graph symbol never gives way to a made-up one. None when nothing improves."""
+    if old is None:
+        return new
+    out = [_entry(d) for d in old]
+    changed = False
+    for i, n in enumerate(new):
+        if _known(n) > _known(out[i]):
+            out[i] = n
+            changed = True
+    return out if changed else None
 
 
 def needs_symbolic_inference(model: ir.Model) -> bool:
@@ -86,8 +114,8 @@ class SymbolicShapesPass(ir.passes.InPlacePass):
                     continue
                 if v.shape is not None and len(v.shape) != len(dims):
                     continue
-                new = ir.Shape(dims)
-                if _unknowns(new) < _unknowns(v.shape):
-                    v.shape = new
+                merged = _merged(v.shape, dims)
+                if merged is not None:
+                    v.shape = ir.Shape(merged)
                     modified = True
         return ir.passes.PassResult(model, modified)

@@ -311,3 +311,33 @@ def test_gather_indices_shared_with_split_sizes():
     """Found by the random graphs: a constant sliced for the group (Gather indices) that another
     node reads untied (Split sizes) keeps its values for that node."""
     _prune_and_compare(build(GATHER_SPLIT_SHARED), {"w2:1": (1,)})
+
+
+# Found by the random graphs: onnxruntime's symbolic inference named the ConvTranspose output's
+# sizes after the op (``ConvTranspose_0_o0__d1``), which replaced the static channel count, and
+# Max could not tell whether c's channel axis broadcasts. It blocked that input only, so group
+# w1:0 still held Max's output and the pruned Max met 3 against 4 channels.
+MAX_OF_UNSIZED_CHANNELS = '''<ir_version: 8, opset_import: ["" : 17]>
+g (float[1,3,H,W] x, float[3,2,2,2] w0, float[4,4,1,1] w1, float[2,4,1,1] w2) => (float[1,2,?,?] y)
+{ a = ConvTranspose <strides=[2,2]> (x, w0)  c = Concat <axis=1> (a, a)  b = Conv(c, w1)
+  m = Max(b, c)  y = Conv(m, w2) }'''
+
+
+def test_max_with_an_input_whose_channels_come_from_symbolic_inference():
+    proto = build(MAX_OF_UNSIZED_CHANNELS)
+    feeds = {"x": np.random.default_rng(0).standard_normal((1, 3, 3, 5)).astype(np.float32)}
+    dg = spa.dependency_graph(spa.load(proto))
+    c = dg.values["c"]
+    assert c.shape is not None and int(c.shape[1]) == 4, c.shape  # the static count is kept
+    _prune_and_compare(proto, {g.key: tuple(range(g.size - 1)) for g in dg.groups}, feeds)
+
+
+def test_max_with_an_input_of_symbolic_channels_blocks_the_output_too():
+    """z's channel axis may be 4 or broadcast from 1: b's channels cannot be pruned alone."""
+    proto = build('''<ir_version: 8, opset_import: ["" : 17]>
+    g (float[1,3,4,4] x, float[1,K,4,4] z, float[4,3,1,1] w1, float[2,4,1,1] w2) => (float[1,2,4,4] y)
+    { b = Conv(x, w1)  m = Max(b, z)  y = Conv(m, w2) }''')
+    dg = spa.dependency_graph(spa.load(proto))
+    assert [g.key for g in dg.groups] == []
+    blocked = {b.key: b.reason for b in dg.blocked_groups}
+    assert "broadcasts in Max" in blocked["w1:0"]

@@ -67,7 +67,11 @@ def couple_broadcast(ctx: RuleContext, inputs, out, param_role: str | None = Non
                 if is_param:
                     ctx.role(d, param_role)
             else:
-                ctx.block(d, f"cannot tell whether axis {a} of '{v.name}' broadcasts in {ctx.op} '{ctx.name}'")
+                # Unknown: the input's axis may be the output's (then both must shrink together)
+                # or broadcast from 1. Neither side may be pruned alone.
+                why = f"cannot tell whether axis {a} of '{v.name}' broadcasts in {ctx.op} '{ctx.name}'"
+                ctx.block(d, why)
+                ctx.block(out_dims[a + lead], why)
     for d, so in zip(out_dims, out_shape):
         if so == 1:
             ctx.free(d)

@@ -9,8 +9,9 @@ is refused with a :class:`~spa.errors.FrontendError` naming the file and what is
 * an external-data ``location`` must be a relative path inside the model's folder: an
   absolute one, one that escapes with ``..`` or through a symbolic link is refused before
   anything is read (onnx-ir reads external data lazily, from the model's folder);
-* types onnx-ir cannot represent (maps: the ZipMap output of scikit-learn classifiers) are
-  named instead of failing deep inside the deserializer;
+* types onnx-ir cannot represent (maps) are set aside where they end the graph (the ZipMap of
+  scikit-learn classifiers, see ``onnx_tail``) and named anywhere else, instead of failing deep
+  inside the deserializer;
 * the graph must be acyclic, import a default opset >= 11, and declare graph inputs a
   machine could hold.
 """
@@ -29,7 +30,8 @@ from google.protobuf.message import DecodeError
 from google.protobuf.message import Error as ProtobufError
 
 from spa.errors import FrontendError
-from spa.io import model_nbytes, save, to_proto  # noqa: F401  (re-exported)
+from spa.frontends.onnx_tail import detach, has_map, needs_detaching
+from spa.io import DETACHED_TAIL, model_nbytes, save, to_proto  # noqa: F401  (re-exported)
 
 #: The oldest default-domain opset SPA analyses. Models are analysed and written at their own
 #: opset: onnx.version_converter has no way back for many ops (measured with onnx 1.23: Gemm 11->10,
@@ -55,8 +57,7 @@ def load(source) -> ir.Model:
         model = source
     elif isinstance(source, onnx.ModelProto):
         what = "the ModelProto"
-        _check_proto(source, what, None)
-        model = _deserialize(source, what)
+        model = _checked_model(source, what, None)
     elif isinstance(source, (bytes, bytearray)):
         what = "<bytes>"
         model = _from_bytes(bytes(source), what)
@@ -123,14 +124,25 @@ def _deserialize(proto: onnx.ModelProto, what: str) -> ir.Model:
                             "onnx.checker.check_model and re-export it") from exc
 
 
+def _checked_model(proto: onnx.ModelProto, what: str, base_dir: Path | None) -> ir.Model:
+    """The checked proto as an onnx_ir.Model, a map-typed tail set aside (``onnx_tail``)."""
+    tail = None
+    if needs_detaching(proto):
+        proto, tail = detach(proto, what)
+    _check_proto(proto, what, base_dir)
+    model = _deserialize(proto, what)
+    if tail is not None:
+        model.meta[DETACHED_TAIL] = tail
+    return model
+
+
 def _from_bytes(data: bytes, what: str) -> ir.Model:
     if not data:
         raise FrontendError(f"{what} is not a valid ONNX model: it is empty (0 bytes); pass the bytes of an "
                             ".onnx model")
     proto = _parse(data, what)
     _check_not_empty(proto, what)
-    _check_proto(proto, what, None)
-    return _deserialize(proto, what)
+    return _checked_model(proto, what, None)
 
 
 def _from_path(path: Path) -> ir.Model:
@@ -157,8 +169,7 @@ def _from_path(path: Path) -> ir.Model:
         raise FrontendError(f"cannot read {path} as an ONNX model: {type(exc).__name__}: {_short(exc)}") from exc
     _check_not_empty(proto, str(path))
     base_dir = path.parent.absolute()
-    _check_proto(proto, str(path), base_dir)
-    model = _deserialize(proto, str(path))
+    model = _checked_model(proto, str(path), base_dir)
     # As onnx_ir.load does: external data is resolved against the model's own folder.
     ir.external_data.set_base_dir(model.graph, str(base_dir))
     return model
@@ -235,25 +246,12 @@ def _type_text(tp: onnx.TypeProto) -> str:
     return kind or "undefined"
 
 
-def _has_map(tp: onnx.TypeProto) -> bool:
-    while True:
-        kind = tp.WhichOneof("value")
-        if kind == "map_type":
-            return True
-        if kind == "sequence_type":
-            tp = tp.sequence_type.elem_type
-        elif kind == "optional_type":
-            tp = tp.optional_type.elem_type
-        else:
-            return False
-
-
 def _check_type(tp: onnx.TypeProto, where: str, what: str) -> None:
-    if _has_map(tp):
+    if has_map(tp):
         raise FrontendError(
-            f"{what}: {where} has type {_type_text(tp)}; map types (the ZipMap output of scikit-learn "
-            "classifiers) cannot be read by onnx-ir, on which SPA is built. Export the model without ZipMap "
-            "(skl2onnx: options={id(model): {'zipmap': False}}) or remove the ZipMap node and its output")
+            f"{what}: {where} has type {_type_text(tp)}; map types cannot be read by onnx-ir, on which SPA is "
+            "built, and SPA sets them aside only where they end the main graph (scikit-learn's ZipMap). Export "
+            "the model without them (skl2onnx: options={id(model): {'zipmap': False}})")
 
 
 def _check_location(location: str, where: str, what: str, base_dir: Path | None) -> None:

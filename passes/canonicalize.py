@@ -16,6 +16,7 @@ from onnxscript.optimizer import fold_constants
 from spa.depgraph import CANONICAL_MARK
 from spa.errors import run_pass
 from spa.ops import registry
+from spa.passes.infer_shapes import InferShapesPass
 from spa.passes.complete_shapes import CompleteShapesPass
 from spa.passes.symbolic_shapes import SymbolicShapesPass
 
@@ -120,13 +121,20 @@ class CanonicalizePass(ir.passes.InPlacePass):
             common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
             UntieUniformInitializersPass(),
             common.TopologicalSortPass(),
-            common.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True),
+            InferShapesPass(),
             CompleteShapesPass(),
             SymbolicShapesPass(),
             CompleteShapesPass(),
         )
         modified = False
         for step in steps:  # one at a time, so an upstream failure names its pass
-            modified |= run_pass(step, model, "canonicalization").modified
+            changed = run_pass(step, model, "canonicalization").modified
+            modified |= changed
+            if changed and step is steps[-3]:
+                # Shapes completed where ONNX inference stopped (an ai.onnx.ml Scaler, a custom
+                # op): ONNX inference can now go on past them.
+                run_pass(InferShapesPass(), model,
+                         "canonicalization")
+                run_pass(CompleteShapesPass(), model, "canonicalization")
         model.meta[CANONICAL_MARK] = True
         return ir.passes.PassResult(model, modified)

@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="skip comparing the pruned model with the masked dense model (one run still checks shapes)")
     eqv.add_argument("--check-equivalence", dest="check_equivalence", action="store_true",
                      help="run the equivalence check even above the size limit (1 GiB of weights)")
+    pr.add_argument("--allow-noop", action="store_true",
+                    help="write the model even when the prune removes (almost) nothing (else: exit 1, saying why)")
     pr.add_argument("--report", metavar="FILE", help="write the prune summary (equivalence, fidelity) as JSON")
     pr.add_argument("--target-opset", type=int, metavar="N",
                     help="write the pruned model at default-domain opset N (onnx.version_converter); "
@@ -151,7 +153,7 @@ def _cmd_prune(args) -> int:
         calibration_batches=args.calibration_batches, allocation=args.allocation, output=args.output, plan_out=args.plan_out,
         input_shapes=_input_shapes(args.input_shape), progress=prog, verify=True, run=not args.no_verify,
         check_equivalence=args.check_equivalence, report=args.report, device=args.device, provider=args.provider,
-        target_opset=args.target_opset,
+        target_opset=args.target_opset, allow_noop=args.allow_noop,
     )
     pruned = len(result.plan.pruned_groups)
     removed = sum(g.removed for g in result.plan.groups)
@@ -172,7 +174,10 @@ def _cmd_prune(args) -> int:
     if result.equivalence is not None and not result.equivalence.skipped:
         print(f"check: {result.equivalence.summary()} (on {result.device})")
     for note in result.notes:
-        print(f"note: {note}")
+        if note != result.noop:
+            print(f"note: {note}")
+    if result.noop:  # the last line says why nothing much went
+        print(f"note: {result.noop}")
     return 0
 
 

@@ -27,6 +27,10 @@ class EquivalenceError(ValidationError):
     """The pruned model differs from the dense model with the same channels masked."""
 
 
+class NoopError(SpaError):
+    """A prune that would remove (almost) nothing: the message says what blocks the model."""
+
+
 class ArgumentError(SpaError):
     """A user-supplied argument is invalid."""
 

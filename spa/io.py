@@ -10,7 +10,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from spa.errors import ArgumentError
+from spa.errors import ArgumentError, ValidationError
 
 # Above this a model is written with its weights in an external data file.
 EXTERNAL_DATA_THRESHOLD = 1 << 30
@@ -125,6 +125,30 @@ def _refuse_overwriting_own_data(model: ir.Model, targets: list[Path]) -> None:
 
 
 SOURCE_FORM = "spa.source_form"  # set by spa.frontends.onnx when a model is read
+#: meta key: the map-typed tail set aside at load (``spa.frontends.onnx_tail``), put back on write.
+DETACHED_TAIL = "spa.detached_tail"
+
+
+def reattach(proto: onnx.ModelProto, record: dict | None) -> onnx.ModelProto:
+    """``proto`` (a model SPA wrote) with the map-typed tail its input had put back: the tail's
+    nodes, initializers and value types, the graph outputs in their original order, and the
+    tensors the tail reads no longer outputs. ``proto`` is modified and returned."""
+    if not record:
+        return proto
+    g = proto.graph
+    ours = {o.name: o for o in g.output}
+    outputs = [onnx.ValueInfoProto.FromString(data if data is not None else ours[name].SerializeToString())
+               for name, data in record["outputs"]]
+    g.node.extend(onnx.NodeProto.FromString(b) for b in record["nodes"])
+    g.initializer.extend(onnx.TensorProto.FromString(b) for b in record["initializers"])
+    g.value_info.extend(onnx.ValueInfoProto.FromString(b) for b in record["value_info"])
+    del g.output[:]
+    g.output.extend(outputs)
+    have = {o.domain for o in proto.opset_import}
+    for domain, version in record["opsets"].items():
+        if domain not in have:
+            proto.opset_import.append(onnx.helper.make_opsetid(domain, version))
+    return proto
 
 
 def min_ir_version(opset: int) -> int:
@@ -167,6 +191,19 @@ def save(model: ir.Model, path: str | os.PathLike) -> Path:
     model = output_form(model)
     data_name = path.name + ".data"
     _refuse_overwriting_own_data(model, [path, path.parent / data_name])
+    tail = model.meta.get(DETACHED_TAIL)
+    if tail:
+        if model_nbytes(model) >= EXTERNAL_DATA_THRESHOLD:
+            raise ArgumentError(f"cannot write {path}: a model over {EXTERNAL_DATA_THRESHOLD >> 30} GiB with map-typed "
+                                f"outputs ({', '.join(tail['ops'])}) is not supported; write it without them")
+        proto = reattach(to_proto(model), tail)
+        try:
+            onnx.checker.check_model(proto)
+        except onnx.checker.ValidationError as exc:
+            raise ValidationError(f"the model with its map-typed outputs put back ({', '.join(tail['ops'])}) does "
+                                  f"not pass onnx.checker: {exc}; nothing was written") from exc
+        atomic_write_bytes(path, proto.SerializeToString())
+        return path
     if model_nbytes(model) < EXTERNAL_DATA_THRESHOLD:
         atomic_write_bytes(path, to_proto(model).SerializeToString())
         return path

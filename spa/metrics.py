@@ -14,10 +14,15 @@ _FLOAT = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataT
 _FLOAT_PROTO = {int(t) for t in _FLOAT}
 
 
+def param_elements(model: ir.Model) -> dict[str, int]:
+    """Elements of each initializer counted as a parameter (weights, biases, norm parameters)."""
+    return {name: int(math.prod(v.const_value.shape.numpy())) for name, v in model.graph.initializers.items()
+            if v.const_value is not None and v.const_value.dtype in _FLOAT}
+
+
 def count_params(model: ir.Model) -> int:
-    """Elements of floating-point initializers (weights, biases, norm parameters)."""
-    return int(sum(math.prod(v.const_value.shape.numpy()) for v in model.graph.initializers.values()
-                   if v.const_value is not None and v.const_value.dtype in _FLOAT))
+    """Elements of the parameters (:func:`param_elements`)."""
+    return int(sum(param_elements(model).values()))
 
 
 def _static_shapes(model: ir.Model, input_shapes: dict | None) -> dict[str, tuple[int, ...]]:

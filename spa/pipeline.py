@@ -21,7 +21,7 @@ import onnx
 import onnx_ir as ir
 
 from spa.depgraph import DependencyGraph
-from spa.errors import ArgumentError, EquivalenceError, PlanError, ValidationError
+from spa.errors import ArgumentError, EquivalenceError, NoopError, PlanError, ValidationError
 from spa.plan import Plan
 from spa.progress import SILENT, Progress
 
@@ -42,6 +42,7 @@ class PruneResult:
     dense: ir.Model | None = None  # the loaded input model, unpruned
     equivalence: object = None  # spa.equivalence.EquivalenceReport
     device: str | None = None  # where SPA ran the models ("cpu", "cuda:0", a provider)
+    noop: str | None = None  # why the prune removed (almost) nothing, when it did
 
     @property
     def proto(self) -> onnx.ModelProto:
@@ -131,6 +132,7 @@ class Job:
     result: PruneResult | None = None
     notes: list = field(default_factory=list)
     target_opset: int | None = None
+    allow_noop: bool = True
 
 
 # ---- stages -----------------------------------------------------------------------------
@@ -243,6 +245,38 @@ def apply_stage(job: Job) -> None:
     job.result = PruneResult(job.model, job.plan, job.dg, dense=job.dense, notes=list(job.notes))
 
 
+#: A prune removing less than this share of what the ratio asks for removed "almost nothing".
+NOOP_SHARE = 0.1
+
+
+def noop_stage(job: Job) -> None:
+    """A prune that removed (almost) nothing says why: a note, or (``allow_noop=False``, the
+    CLI's default) a :class:`NoopError` before anything is checked or written."""
+    from spa.metrics import count_params
+    from spa.report import coverage
+
+    if job.ratio <= 0:
+        return
+    before, after = count_params(job.dense), count_params(job.model)
+    if before == 0 or (before - after) >= NOOP_SHARE * job.ratio * before:
+        return
+    cov = coverage(job.dg, job.dense)
+    removed = f"removed {100 * (before - after) / before:.1f}% of the parameters (ratio {job.ratio:g})"
+    if cov.share < 0.5:
+        why = f"only {100 * cov.share:.1f}% of the parameters are prunable"
+        if cov.barriers:
+            why += f"; the rest is blocked mostly by {cov.top(3)}"
+    elif not job.plan.pruned_groups:
+        why = "no group lost a channel (protect, kinds or round_to kept them all)"
+    else:
+        why = f"{100 * cov.share:.1f}% of the parameters are prunable, but the plan removed few channels"
+    message = f"{removed}: {why}. `spa inspect MODEL` lists every barrier and blocked axis"
+    if not job.allow_noop:
+        raise NoopError(f"{message}; pass --allow-noop to write the model anyway. Nothing was written")
+    job.result.noop = message
+    job.result.notes.append(message)
+
+
 def convert_stage(job: Job) -> None:
     """``target_opset``: the pruned model converted with onnx.version_converter (then checked
     like any output). Without it the output keeps the input's opset and IR form."""
@@ -310,7 +344,7 @@ def write_stage(job: Job) -> None:
 STAGES: tuple[tuple[str, Callable[[Job], None]], ...] = (
     ("load", load_stage), ("graph", graph_stage), ("statistics", statistics_stage), ("score", score_stage),
     ("allocate", allocate_stage), ("compensate", compensate_stage), ("apply", apply_stage),
-    ("convert", convert_stage), ("check", check_stage), ("module", module_stage), ("write", write_stage),
+    ("noop", noop_stage), ("convert", convert_stage), ("check", check_stage), ("module", module_stage), ("write", write_stage),
 )
 
 
@@ -408,6 +442,7 @@ def prune(
     device: str = "auto",
     provider: str | None = None,
     target_opset: int | None = None,
+    allow_noop: bool = True,
 ) -> PruneResult:
     """Prune ``model`` (a path, bytes, onnx.ModelProto, onnx_ir.Model or torch ``nn.Module``).
 
@@ -441,6 +476,10 @@ def prune(
     initializers listed as graph inputs); ``target_opset`` converts it with onnx's version
     converter, refusing with the op named where the converter cannot.
 
+    A prune that removes less than a tenth of the parameters ``ratio`` asks for says why in
+    ``result.notes`` (what blocks the model); with ``allow_noop=False`` it raises
+    :class:`~spa.errors.NoopError` instead and writes nothing.
+
     ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) or ``provider`` (an installed
     onnxruntime execution provider) says where calibration, activations and the checks run;
     ``auto`` uses CUDA when a session can be created there, else the CPU (``result.device``).
@@ -469,7 +508,8 @@ def prune(
     job = Job(model, ratio, criterion, reduction, normalization, global_pruning, round_to, tuple(protect),
               None if kinds is None else tuple(kinds), gqa, seed, output, plan_out, report, verify, run,
               check_equivalence, input_shapes, progress, data, loss_fn, calibration, calibration_batches,
-              allocation, example_inputs=example_inputs, module=module, spec=spec, target_opset=target_opset)
+              allocation, example_inputs=example_inputs, module=module, spec=spec, target_opset=target_opset,
+              allow_noop=allow_noop)
     from spa import runtime
 
     with runtime.use_device(device, provider) as dev:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from spa.depgraph import DependencyGraph
+from dataclasses import dataclass
+
+from spa.depgraph import Barrier, DependencyGraph
 
 
 def table(headers: list[str], rows: list[list], align: str | None = None) -> str:
@@ -26,8 +28,59 @@ def _short(names, limit: int = 3) -> str:
     return ", ".join(names[:limit]) + more
 
 
+@dataclass(frozen=True)
+class Coverage:
+    """How much of a model SPA can prune: parameters in prunable groups, and per barrier the
+    parameters of the blocked groups it touches (largest first)."""
+
+    prunable: int
+    total: int
+    barriers: tuple[tuple[Barrier, int], ...]
+
+    @property
+    def share(self) -> float:
+        return self.prunable / self.total if self.total else 0.0
+
+    def line(self) -> str:
+        return (f"Prunable parameters: {100 * self.share:.1f}% ({self.prunable:,} of {self.total:,}, in initializers "
+                "with an axis in a prunable group)")
+
+    def top(self, n: int = 3) -> str:
+        """'LSTM 'lstm' (2,100,000 parameters), ...' for the barriers that block the most."""
+        return ", ".join(f"{_op(b)} '{b.node}' ({params:,} parameters)" for b, params in self.barriers[:n])
+
+
+def _op(b: Barrier) -> str:
+    return (b.domain + "::" if b.domain else "") + b.op
+
+
+def coverage(dg: DependencyGraph, model=None) -> Coverage:
+    """Coverage of ``dg``, counted on ``model`` (default: ``dg.model``; after a prune, which
+    changes that model in place, pass the dense copy)."""
+    from spa.metrics import param_elements
+
+    sizes = param_elements(model if model is not None else dg.model)
+    prunable = {m.param for g in dg.groups for m in g.members if m.param in sizes}
+    blocked_dims: dict = {}
+    for comp in dg._components:
+        params = {dg.param_source(d) for d in comp if dg.role(d)} - {None}
+        params = {p for p in params if p in sizes and p not in prunable}
+        if params:
+            for d in comp:
+                blocked_dims[d] = params
+    per_barrier = []
+    for b, dims in dg._barrier_dims:
+        names = set().union(*(blocked_dims.get(d, set()) for d in dims)) if dims else set()
+        if names:
+            per_barrier.append((b, sum(sizes[n] for n in names)))
+    per_barrier.sort(key=lambda item: -item[1])
+    return Coverage(sum(sizes[n] for n in prunable), sum(sizes.values()), tuple(per_barrier))
+
+
 def inspect_dict(dg: DependencyGraph) -> dict:
+    cov = coverage(dg)
     return {
+        "parameters": {"prunable": cov.prunable, "total": cov.total, "share": round(cov.share, 6)},
         "groups": [
             {
                 "key": g.key,
@@ -50,6 +103,9 @@ def inspect_dict(dg: DependencyGraph) -> dict:
         "barriers": [
             {"node": b.node, "op": b.op, "domain": b.domain, "reason": b.reason} for b in dg.barriers
         ],
+        "barriers_by_blocked_parameters": [
+            {"node": b.node, "op": b.op, "domain": b.domain, "parameters": params} for b, params in cov.barriers
+        ],
     }
 
 
@@ -62,7 +118,11 @@ def attention_lines(dg: DependencyGraph) -> list[str]:
 
 
 def inspect_text(dg: DependencyGraph, show_all: bool = False) -> str:
-    out = []
+    cov = coverage(dg)
+    out = [cov.line()]
+    if cov.barriers and cov.share < 0.8:
+        out.append(f"Most of the rest is blocked by (parameters of the blocked axes they touch): {cov.top(5)}")
+        out.append("")
     rows = []
     for i, g in enumerate(dg.groups):
         outs = [m.node for m in g.params if m.role == "out"]

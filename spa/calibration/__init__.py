@@ -2,8 +2,10 @@
 synthesized without any dataset.
 
 A source is one of:
-  * ``"gaussian"`` (data-free): standard normal floats; token ids uniform over the vocabulary
-    of the embedding table the input indexes;
+  * ``"gaussian"`` (data-free): standard normal floats; integer inputs by what they hold: ids
+    uniform over the table a Gather indexes with them or a OneHot's depth, masks as ones with
+    padding, positions, sequence lengths, bytes; a static batch gets as many samples (more
+    batches) as a dynamic one;
   * ``"bn"`` (data-free, nn.Module with BatchNorm): inputs optimized so every BatchNorm layer
     sees batch statistics equal to its running statistics (``spa.frontends.bn_inputs``);
   * a numpy array (one batch of the first input) or a list of them (several batches);
@@ -28,39 +30,117 @@ DATA_FREE = ("gaussian", "bn")
 SYNTH_BATCH = 16
 
 
-def _vocab(model, name: str) -> int | None:
-    """Rows of the embedding table that graph input ``name`` indexes, if it feeds a Gather."""
+#: Ops an integer input passes through unchanged in meaning (ids stay ids).
+_ID_VIEWS = frozenset({"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand", "Transpose"})
+
+
+def _readers(model, name: str) -> list:
+    """(node, input index) of every op reading graph input ``name``, through id-preserving views."""
     v = next((x for x in model.graph.inputs if x.name == name), None)
-    if v is None:
-        return None
-    for node, index in v.uses():
+    out, stack, seen = [], [v] if v is not None else [], set()
+    while stack:
+        value = stack.pop()
+        for node, index in value.uses():
+            if node.op_type in _ID_VIEWS and index == 0 and node.domain in ("", "ai.onnx"):
+                if id(node) not in seen:
+                    seen.add(id(node))
+                    stack.extend(node.outputs)
+            else:
+                out.append((node, index))
+    return out
+
+
+def _vocab(model, name: str) -> int | None:
+    """How many values integer input ``name`` can take: the rows of the table a Gather indexes
+    with it (token ids, token types, categories), or a OneHot's depth (byte or class ids)."""
+    sizes = []
+    for node, index in _readers(model, name):
         if node.op_type == "Gather" and index == 1 and node.inputs[0].const_value is not None:
-            return int(node.inputs[0].const_value.shape[0])
-    return None
+            axis = node.attributes.get("axis")
+            axis = axis.value if axis is not None else 0
+            sizes.append(int(node.inputs[0].const_value.shape[axis]))
+        elif node.op_type == "OneHot" and index == 0 and node.inputs[1].const_value is not None:
+            sizes.append(int(node.inputs[1].const_value.numpy().reshape(-1)[0]))
+    return min(sizes) if sizes else None
+
+
+def _role(model, name: str, dtype) -> str:
+    """What an integer input holds: ``ids`` (over ``_vocab``), ``mask``, ``positions``,
+    ``lengths`` (sequence lengths of a recurrent op), ``bytes`` (uint8), else ``other``."""
+    lowered = name.lower()
+    if _vocab(model, name):
+        return "ids"
+    if "mask" in lowered:
+        return "mask"
+    if "position" in lowered:
+        return "positions"
+    if any(node.op_type in ("LSTM", "GRU", "RNN") and index == 4 for node, index in _readers(model, name)) \
+            or "len" in lowered:
+        return "lengths"
+    if np.dtype(dtype) == np.uint8:
+        return "bytes"
+    return "other"
+
+
+def _integer_feed(model, name: str, arr: np.ndarray, rng) -> np.ndarray:
+    """A data-free value for integer input ``name`` that respects its role (``_role``)."""
+    role = _role(model, name, arr.dtype)
+    if role == "ids":
+        return rng.integers(0, _vocab(model, name), size=arr.shape).astype(arr.dtype)
+    if role == "bytes":
+        return rng.integers(0, 256, size=arr.shape).astype(arr.dtype)
+    if arr.ndim == 0:
+        return np.ones_like(arr) if role in ("mask", "lengths") else arr
+    if role == "mask":  # ones; every row after the first is padded at its end by up to a quarter
+        out = np.ones_like(arr)
+        if arr.ndim >= 2 and arr.shape[-1] > 1:
+            for row in range(1, arr.shape[0]):
+                pad = int(rng.integers(0, max(arr.shape[-1] // 4, 1) + 1))
+                if pad:
+                    out[row, ..., arr.shape[-1] - pad:] = 0
+        return out
+    if role == "positions":
+        return np.broadcast_to(np.arange(arr.shape[-1], dtype=arr.dtype), arr.shape).copy()
+    if role == "lengths":  # full length: the longest axis any float input has past the batch
+        return np.full_like(arr, max(_longest_axis(model), 1))
+    return arr
+
+
+def _longest_axis(model) -> int:
+    sizes = [int(d) for v in model.graph.inputs if v.shape is not None and v.dtype is not None
+             and v.dtype.is_floating_point() for d in list(v.shape)[:2] if isinstance(d, int)]
+    return max(sizes, default=1)
 
 
 def synthesize(model, sess, n_batches: int, input_shapes: dict | None, seed: int = 0,
                batch: int | None = SYNTH_BATCH) -> Iterator[dict]:
-    """Data-free batches: Gaussian floats, token ids over the vocabulary; a dynamic batch axis
-    gets ``batch`` samples (None: the runtime default, 1)."""
+    """Data-free batches: Gaussian floats, integer inputs by role (token ids over the vocabulary,
+    masks with padding, byte ids, lengths); a dynamic batch axis gets ``batch`` samples (None:
+    the runtime default, 1), and a static one as many more batches as it takes to see as many
+    samples."""
     from spa import runtime
 
     rng = np.random.default_rng(seed)
     shapes = dict(input_shapes or {})
+    static = []
     for i in sess.get_inputs():  # a dynamic batch axis gets SYNTH_BATCH samples, not 1
         if batch is None:
             break
-        if i.name not in shapes and i.shape and not isinstance(i.shape[0], int) and i.shape[0] not in shapes:
+        if i.name in shapes or not i.shape:
+            continue
+        if isinstance(i.shape[0], int):
+            static.append(i.shape[0])
+        elif i.shape[0] not in shapes:
             shape = list(runtime.concrete_shape(i.name, i.shape, input_shapes))
             shapes[i.name] = [batch] + shape[1:]
+    if batch is not None and static and len(static) == len(sess.get_inputs()) and max(static) < batch:
+        n_batches = n_batches * -(-batch // max(max(static), 1))
     for _ in range(n_batches):
         feeds = runtime.random_feeds(sess, shapes, int(rng.integers(1 << 31)))
         for i in sess.get_inputs():
             arr = feeds[i.name]
             if np.issubdtype(arr.dtype, np.integer):
-                vocab = _vocab(model, i.name)
-                if vocab:
-                    feeds[i.name] = rng.integers(0, vocab, size=arr.shape).astype(arr.dtype)
+                feeds[i.name] = _integer_feed(model, i.name, arr, rng)
         yield feeds
 
 

@@ -1,0 +1,178 @@
+"""Files as exporters write them: map-typed outputs (scikit-learn's ZipMap), stale value_info,
+integer inputs that are not token ids, models where almost nothing can be pruned."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from helpers import build
+from onnx import TensorProto, helper
+
+import spa
+from spa.calibration import synthesize
+from spa.errors import NoopError
+from spa.report import coverage, inspect_text
+from spa.runtime import ModelInputs
+
+
+def _zipmap_classifier() -> onnx.ModelProto:
+    """x[N,6] -> MatMul/Add/Relu -> MatMul -> Softmax -> probs (tensor) -> ZipMap (seq(map)),
+    with the label (ArgMax) as the first output, as skl2onnx lays it out."""
+    m = build('''<ir_version: 8, opset_import: ["" : 17, "ai.onnx.ml" : 1]>
+    g (float[N,6] x, float[6,12] w1, float[12] b1, float[12,3] w2) => (int64[N] label)
+    { h = MatMul(x, w1)  a = Add(h, b1)  r = Relu(a)  z = MatMul(r, w2)  p = Softmax <axis=1> (z)
+      label = ArgMax <axis=1, keepdims=0> (p) }''')
+    seq_of_maps = helper.make_sequence_type_proto(helper.make_map_type_proto(
+        TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, [])))
+    m.graph.node.append(helper.make_node("ZipMap", ["p"], ["probability"], name="zipmap", domain="ai.onnx.ml",
+                                         classlabels_int64s=[10, 20, 30]))
+    m.graph.output.append(helper.make_value_info("probability", seq_of_maps))
+    onnx.checker.check_model(m)
+    return m
+
+
+def _run(path_or_proto, feeds):
+    data = path_or_proto if isinstance(path_or_proto, str) else path_or_proto.SerializeToString()
+    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    return [o.name for o in sess.get_outputs()], sess.run(None, feeds)
+
+
+def test_map_typed_tail_is_set_aside_and_put_back(tmp_path):
+    proto = _zipmap_classifier()
+    original = proto.SerializeToString()
+    result = spa.prune(proto, 0.5, output=tmp_path / "p.onnx")
+    assert proto.SerializeToString() == original  # the input is never modified
+    assert [g.key for g in result.graph.groups] == ["w1:1"]
+    assert result.equivalence.checked_groups == ("w1:1",) and result.equivalence.exact
+    written = onnx.load(tmp_path / "p.onnx")
+    onnx.checker.check_model(written, full_check=True)
+    assert [o.name for o in written.graph.output] == ["label", "probability"]  # order and names kept
+    assert [n.op_type for n in written.graph.node][-1] == "ZipMap"
+    w1 = {t.name: t for t in written.graph.initializer}["w1"]
+    assert list(w1.dims) == [6, 6]
+    feeds = {"x": np.random.default_rng(0).standard_normal((4, 6)).astype(np.float32)}
+    names, (label, probability) = _run(str(tmp_path / "p.onnx"), feeds)
+    assert names == ["label", "probability"]
+    assert len(probability) == 4 and all(set(row) == {10, 20, 30} for row in probability)
+    assert np.allclose([sum(row.values()) for row in probability], 1.0, atol=1e-5)
+    assert label.shape == (4,)
+
+
+def test_map_typed_input_is_refused_clearly():
+    proto = _zipmap_classifier()
+    feats = helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, []))
+    proto.graph.input.append(helper.make_value_info("feats", feats))
+    with pytest.raises(spa.SpaError, match="graph input 'feats' is map-typed"):
+        spa.load(proto)
+
+
+def test_scikit_learn_pipeline_with_zipmap(tmp_path):
+    """skl2onnx's default classifier export: Scaler (ai.onnx.ml), an MLP, ZipMap."""
+    pytest.importorskip("skl2onnx")
+    from skl2onnx import to_onnx
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 10)).astype(np.float32)
+    y = (x[:, 0] + x[:, 1] > 0).astype(int) + (x[:, 2] > 1)
+    with _no_warning_check():
+        clf = make_pipeline(StandardScaler(), MLPClassifier(hidden_layer_sizes=(32, 16), max_iter=30,
+                                                            random_state=0)).fit(x, y)
+    src = tmp_path / "clf.onnx"
+    src.write_bytes(to_onnx(clf, x[:1]).SerializeToString())
+    dg = spa.dependency_graph(spa.load(src))
+    assert sorted(g.size for g in dg.groups) == [16, 32]
+    result = spa.prune(str(src), 0.3, output=tmp_path / "p.onnx")
+    assert result.equivalence.exact and len(result.equivalence.checked_groups) == 2
+    names, (label, probability) = _run(str(tmp_path / "p.onnx"), {"X": x[:5]})
+    dense_names, (dense_label, _) = _run(str(src), {"X": x[:5]})
+    assert names == dense_names == ["output_label", "output_probability"]
+    assert label.shape == dense_label.shape and set(probability[0]) == {0, 1, 2}
+    assert spa.metrics.count_params(result.model) < spa.metrics.count_params(result.dense)
+
+
+class _no_warning_check:  # sklearn warns that 30 iterations did not converge; that is fine here
+    def __enter__(self):
+        import warnings
+
+        self._w = warnings.catch_warnings()
+        self._w.__enter__()
+        warnings.simplefilter("ignore")
+
+    def __exit__(self, *exc):
+        return self._w.__exit__(*exc)
+
+
+def test_stale_value_info_is_discarded():
+    """An exporter that writes NHWC shapes for NCHW values: the ops' shapes win, and the dense
+    model is not failed (nor a group blamed) for the file's mistake."""
+    proto = build('''<ir_version: 8, opset_import: ["" : 17]>
+    g (float[1,3,8,8] x, float[8,3,3,3] w1, float[4,8,1,1] w2) => (float[1,4,8,8] y)
+    { h = Conv <pads=[1,1,1,1]> (x, w1)  r = Relu(h)  y = Conv(r, w2) }''')
+    for name in ("h", "r"):
+        proto.graph.value_info.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 8, 8, 3]))
+    model = spa.load(proto)
+    assert [int(d) for d in spa.dependency_graph(model).values["h"].shape] == [1, 8, 8, 8]
+    result = spa.prune(proto, 0.5)
+    assert result.equivalence.exact and [g.key for g in result.graph.groups] == ["w1:0"]
+
+
+CUSTOM = '''<ir_version: 8, opset_import: ["" : 17, "com.example" : 1]>
+g (float[1,3,8,8] x, float[32,3,3,3] w1, float[4,3,1,1] w2, float[6,4,1,1] w3) => (float[1,6,8,8] y, float[1,32,8,8] r)
+{ h = Conv <pads=[1,1,1,1]> (x, w1)  r = com.example.Foo(h)  z = Conv(x, w2)  s = Relu(z)  y = Conv(s, w3) }'''
+
+
+def test_inspect_opens_with_the_prunable_share_and_the_costliest_barriers():
+    dg = spa.dependency_graph(spa.load(build(CUSTOM)))
+    cov = coverage(dg)
+    assert cov.total == 32 * 27 + 4 * 3 + 6 * 4
+    assert cov.prunable == 4 * 3 + 6 * 4  # w2:0 ~ w3:1 is a group; w1 sits behind Foo
+    assert [(b.op, params) for b, params in cov.barriers] == [("Foo", 864)]
+    lines = inspect_text(dg).splitlines()
+    assert lines[0].startswith("Prunable parameters: 4.0% (36 of 900")
+    assert "com.example::Foo" in lines[1] and "(864 parameters)" in lines[1]
+
+
+def test_a_prune_that_removes_almost_nothing_says_why():
+    with pytest.raises(NoopError, match=r"removed 2\.0% of the parameters \(ratio 0\.5\): only 4\.0% of the "
+                                        r"parameters are prunable; the rest is blocked mostly by com\.example::Foo"):
+        spa.prune(build(CUSTOM), 0.5, allow_noop=False)
+    result = spa.prune(build(CUSTOM), 0.5)
+    assert result.noop is not None and result.noop in result.notes
+    prunable = build(CUSTOM.replace("com.example.Foo(h)", "Relu(h)  q = Conv(r, w4)").replace(
+        "float[1,32,8,8] r)", "float[1,2,8,8] q)").replace("float[6,4,1,1] w3)", "float[6,4,1,1] w3, float[2,32,1,1] w4)"))
+    assert spa.prune(prunable, 0.5, allow_noop=False).noop is None
+
+
+def test_data_free_integer_inputs_follow_their_role():
+    proto = build('''<ir_version: 8, opset_import: ["" : 17]>
+    g (int64[N,7] input_ids, int64[N,7] attention_mask, uint8[N,7] raw, int64[N,7] code,
+       float[50,4] wtable) => (float[N,7,4] y, float[N,7] m, float[N,7,256] o)
+    { c = Cast <to=6> (input_ids)  y = Gather(wtable, c)  m = Cast <to=1> (attention_mask)
+      depth = Constant <value = int64[1] {256}> ()  vals = Constant <value = float[2] {0, 1}> ()
+      o = OneHot(code, depth, vals)  r = Cast <to=1> (raw) }''', weights="w")
+    proto.graph.output.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, None))
+    model = spa.load(proto)
+    batches = list(synthesize(model, ModelInputs(model), 3, None, seed=0))
+    assert len(batches) == 3
+    for feeds in batches:
+        assert feeds["input_ids"].shape == (16, 7) and feeds["input_ids"].max() < 50
+        assert feeds["input_ids"].max() > 2  # the vocabulary, not 0/1
+        mask = feeds["attention_mask"]
+        assert (mask[0] == 1).all() and set(np.unique(mask)) <= {0, 1}
+        assert (np.diff(mask, axis=1) <= 0).all()  # padding only at the end of a row
+        assert feeds["code"].max() < 256 and feeds["code"].max() > 2
+        assert feeds["raw"].dtype == np.uint8 and feeds["raw"].max() > 2
+
+
+def test_a_static_batch_gets_as_many_samples_as_a_dynamic_one():
+    static = spa.load(build('''<ir_version: 8, opset_import: ["" : 17]>
+    g (float[1,3,4,4] x, float[8,3,1,1] w1) => (float[1,8,4,4] y) { y = Conv(x, w1) }'''))
+    dynamic = spa.load(build('''<ir_version: 8, opset_import: ["" : 17]>
+    g (float[N,3,4,4] x, float[8,3,1,1] w1) => (float[N,8,4,4] y) { y = Conv(x, w1) }'''))
+    rows = [sum(f["x"].shape[0] for f in synthesize(m, ModelInputs(m), 8, None)) for m in (static, dynamic)]
+    assert rows == [128, 128]

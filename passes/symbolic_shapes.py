@@ -59,11 +59,23 @@ def _merged(old, new: list) -> list | None:
     return out if changed else None
 
 
+def _spatial_only(shape) -> bool:
+    """The unknown entries are the batch axis or spatial axes of an image-like tensor (rank 4
+    or 5, axes >= 2): resizes of an input with dynamic height and width. No rule sizes a
+    channel group from them, and onnxruntime's inference, slow on Resize-heavy detectors, could
+    only name them after the op."""
+    entries = [_entry(d) for d in shape]
+    unknown = [a for a, e in enumerate(entries) if _known(e) == 0]
+    return len(entries) in (4, 5) and all(a == 0 or a >= 2 for a in unknown)
+
+
 def needs_symbolic_inference(model: ir.Model) -> bool:
-    """Whether a tensor (not integer shape arithmetic) still has an unknown size."""
+    """Whether a tensor (not integer shape arithmetic) still has an unknown size that matters."""
     for node in model.graph:
         for v in node.outputs:
-            if v.dtype is not None and not v.dtype.is_integer() and (v.shape is None or _unknowns(v.shape)):
+            if v.dtype is None or v.dtype.is_integer():
+                continue
+            if v.shape is None or (_unknowns(v.shape) and not _spatial_only(v.shape)):
                 return True
     return False
 

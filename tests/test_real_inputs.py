@@ -176,3 +176,58 @@ def test_a_static_batch_gets_as_many_samples_as_a_dynamic_one():
     g (float[N,3,4,4] x, float[8,3,1,1] w1) => (float[N,8,4,4] y) { y = Conv(x, w1) }'''))
     rows = [sum(f["x"].shape[0] for f in synthesize(m, ModelInputs(m), 8, None)) for m in (static, dynamic)]
     assert rows == [128, 128]
+
+
+def _fpn_export() -> bytes:
+    """A detector neck as the TorchScript exporter writes it with dynamic height and width:
+    ``interpolate(p, size=feature.shape[-2:])`` becomes Resize with sizes
+    ``Concat(Shape(p)[:2], hw)``."""
+    import io
+
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class FPN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2, self.c3 = nn.Conv2d(3, 8, 3, 2, 1), nn.Conv2d(8, 16, 3, 2, 1), nn.Conv2d(16, 16, 3, 2, 1)
+            self.l1, self.l2, self.l3 = nn.Conv2d(8, 12, 1), nn.Conv2d(16, 12, 1), nn.Conv2d(16, 12, 1)
+            self.head = nn.Conv2d(12, 5, 3, 1, 1)
+
+        def forward(self, x):
+            a = F.relu(self.c1(x))
+            b = F.relu(self.c2(a))
+            c = F.relu(self.c3(b))
+            p2 = self.l2(b) + F.interpolate(self.l3(c), size=b.shape[-2:], mode="nearest")
+            p1 = self.l1(a) + F.interpolate(p2, size=a.shape[-2:], mode="nearest")
+            return self.head(p1)
+
+    torch.manual_seed(0)
+    f = io.BytesIO()
+    torch.onnx.export(FPN().eval(), torch.randn(1, 3, 32, 32), f, dynamo=False, input_names=["x"],
+                      dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}}, opset_version=17)
+    return f.getvalue()
+
+
+def test_resize_to_another_feature_size_keeps_its_channels(monkeypatch):
+    """The lateral convolutions of an FPN (tied by the Adds through the Resizes) are one group,
+    and loading does not run onnxruntime's symbolic inference: the only unknown sizes are the
+    batch and the spatial axes."""
+    from onnxruntime.tools import symbolic_shape_infer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("symbolic inference ran")
+
+    monkeypatch.setattr(symbolic_shape_infer.SymbolicShapeInference, "infer_shapes", refuse)
+    data = _fpn_export()
+    dg = spa.dependency_graph(spa.load(data))
+    assert sorted(g.key for g in dg.groups) == ["c1.weight:0", "c2.weight:0", "c3.weight:0", "l2.weight:0"]
+    lateral = dg.group("l2.weight:0")
+    assert {m.param for m in lateral.params if m.role == "out"} == {"l1.weight", "l2.weight", "l3.weight"}
+    result = spa.prune(data, 0.5, input_shapes={"x": [2, 3, 48, 80]})
+    assert result.equivalence.exact and len(result.equivalence.checked_groups) == 4
+    from spa.io import to_proto
+
+    sess = ort.InferenceSession(to_proto(result.model).SerializeToString(), providers=["CPUExecutionProvider"])
+    assert sess.run(None, {"x": np.zeros((1, 3, 96, 64), np.float32)})[0].shape == (1, 5, 48, 32)

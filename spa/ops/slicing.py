@@ -8,7 +8,7 @@ import numpy as np
 
 from spa.dims import offset
 from spa.ops.elementwise import couple_broadcast
-from spa.ops.context import RuleContext
+from spa.ops.context import RuleContext, shape_pieces
 from spa.ops.registry import op
 
 
@@ -205,17 +205,67 @@ def _resize_factors(ctx: RuleContext, x):
     if scales is not None and scales.size == 0:
         scales = None
     if scales is None and sizes is None:
-        ctx.refuse("Resize scales/sizes are not constant")
+        own = _own_shape_axes(ctx, x, ctx.inp(3) if len(ctx.node.inputs) > 3 else None)
+        if not own:
+            ctx.refuse("Resize scales/sizes are not constant")
+        return None, own, None
     axes = ctx.attr("axes")
     axes = list(range(r)) if axes is None else [int(a) % r for a in axes]
     return scales, sizes, axes
 
 
+def _shape_of(v, x) -> tuple[int, int] | None:
+    """(first axis, end) when ``v`` is ``Shape(x)`` or a unit-step ``Slice`` of it along axis 0
+    with constant bounds: entries of ``v`` are sizes of ``x``'s axes first..end-1."""
+    prod = v.producer() if v is not None else None
+    if prod is None or prod.domain not in ("", "ai.onnx"):
+        return None
+    rank = len(x.shape) if x.shape is not None else None
+    if prod.op_type == "Shape" and prod.inputs[0] is x and rank is not None:
+        start = prod.attributes.get("start")
+        end = prod.attributes.get("end")
+        lo = start.value if start is not None else 0
+        hi = end.value if end is not None else rank
+        return lo % rank if lo < 0 else lo, min(hi % rank if hi < 0 else hi, rank)
+    if prod.op_type == "Slice" and len(prod.inputs) >= 3:
+        inner = _shape_of(prod.inputs[0], x)
+        bounds = [i.const_value.numpy().reshape(-1) if i is not None and i.const_value is not None else None
+                  for i in list(prod.inputs[1:5]) + [None] * (5 - len(prod.inputs))]
+        if inner is None or bounds[0] is None or bounds[1] is None or bounds[0].size != 1:
+            return None
+        if (bounds[2] is not None and int(bounds[2][0]) != 0) or (bounds[3] is not None and int(bounds[3][0]) != 1):
+            return None
+        n = inner[1] - inner[0]
+        lo, hi = int(bounds[0][0]), int(bounds[1][0])
+        lo, hi = max(lo + n if lo < 0 else lo, 0), min(hi + n if hi < 0 else hi, n)
+        return inner[0] + lo, inner[0] + max(hi, lo)
+    return None
+
+
+def _own_shape_axes(ctx: RuleContext, x, sizes) -> dict[int, int]:
+    """Axes whose Resize size is read off the input's own shape at run time (``Concat(Shape(x)
+    [:2], hw)``, how exporters write ``interpolate(x, size=other.shape[-2:])``): they keep their
+    size whatever it becomes. {axis: its index in ``sizes``}."""
+    out = {}
+    for owner, k, _values, start, n in shape_pieces(sizes) or []:
+        piece = sizes if owner is None else owner.inputs[k]
+        span = _shape_of(piece, x)
+        if span is not None and span[1] - span[0] == n:
+            out.update({span[0] + j: start + j for j in range(n)})
+    return out
+
+
 @op("Resize", "Upsample")
 def resize(ctx: RuleContext) -> None:
-    """y[a] ~ x[a] on axes with scale 1 (or size equal to the input's); sizes follow."""
+    """y[a] ~ x[a] on axes with scale 1 (or size equal to the input's, or read off x's own
+    shape at run time); constant sizes follow."""
     x, y = ctx.inp(0), ctx.out(0)
     scales, sizes, axes = _resize_factors(ctx, x)
+    if axes is None:  # sizes computed from x's shape: those axes keep x's size
+        for a in sizes:
+            ctx.couple(ctx.dim(x, a), ctx.dim(y, a))
+        _free_inputs(ctx, 1)
+        return
     for k, a in enumerate(axes):
         same = (scales is not None and float(scales[k]) == 1.0) or (
             sizes is not None and int(sizes[k]) == ctx.size(x, a)

@@ -231,3 +231,45 @@ def test_resize_to_another_feature_size_keeps_its_channels(monkeypatch):
 
     sess = ort.InferenceSession(to_proto(result.model).SerializeToString(), providers=["CPUExecutionProvider"])
     assert sess.run(None, {"x": np.zeros((1, 3, 96, 64), np.float32)})[0].shape == (1, 5, 48, 32)
+
+
+# Exporter patterns, written by hand where the exporter itself is too heavy to install in CI
+# (tensorflow for tf2onnx, paddlepaddle for paddle2onnx).
+EXPORTER_PATTERNS = {
+    # tf2onnx (Keras): NHWC input, Transposes around each NCHW Conv, pooling over axes 1, 2,
+    # a Dense layer as MatMul + Add.
+    "tf2onnx": ('''<ir_version: 8, opset_import: ["" : 13]>
+    g (float[N,16,16,3] input_1, float[8,3,3,3] w1, float[8] b1, float[8,8,3,3] w2, float[8] b2, float[8,10] wd,
+       float[10] bd) => (float[N,10] dense)
+    { t = Transpose <perm=[0,3,1,2]> (input_1)
+      c1 = Conv <pads=[1,1,1,1], kernel_shape=[3,3], strides=[1,1]> (t, w1, b1)  r1 = Relu(c1)
+      u1 = Transpose <perm=[0,2,3,1]> (r1)  t2 = Transpose <perm=[0,3,1,2]> (u1)
+      c2 = Conv <pads=[1,1,1,1], kernel_shape=[3,3]> (t2, w2, b2)  r2 = Relu(c2)
+      u = Transpose <perm=[0,2,3,1]> (r2)  p = ReduceMean <axes=[1,2], keepdims=0> (u)
+      mm = MatMul(p, wd)  d = Add(mm, bd)  dense = Softmax <axis=-1> (d) }''', {"input_1": [2, 16, 16, 3]}, 2),
+    # paddle2onnx: Conv + BatchNormalization + Relu, pooling, Reshape to [0, -1], fc as MatMul + Add.
+    "paddle2onnx": ('''<ir_version: 8, opset_import: ["" : 11]>
+    g (float[N,3,16,16] x, float[8,3,3,3] w1, float[8] s1, float[8] b1, float[8] bm1, float[8] sv1,
+       float[16,8,3,3] w2, float[16] s2, float[16] b2, float[16] bm2, float[16] sv2, float[64,10] wf, float[10] bf)
+       => (float[N,10] save_infer_model)
+    { c1 = Conv <pads=[1,1,1,1], kernel_shape=[3,3], strides=[2,2]> (x, w1)
+      n1 = BatchNormalization <epsilon=1e-5> (c1, s1, b1, bm1, sv1)  r1 = Relu(n1)
+      c2 = Conv <pads=[1,1,1,1], kernel_shape=[3,3], strides=[2,2]> (r1, w2)
+      n2 = BatchNormalization <epsilon=1e-5> (c2, s2, b2, bm2, sv2)  r2 = Relu(n2)
+      p = MaxPool <kernel_shape=[2,2], strides=[2,2]> (r2)
+      shape = Constant <value = int64[2] {0, -1}> ()  f = Reshape(p, shape)
+      mm = MatMul(f, wf)  save_infer_model = Add(mm, bf) }''', {"x": [2, 3, 16, 16]}, 2),
+}
+
+
+@pytest.mark.parametrize("exporter", sorted(EXPORTER_PATTERNS))
+def test_exporter_patterns_prune_to_valid_smaller_models(exporter):
+    text, shapes, n_groups = EXPORTER_PATTERNS[exporter]
+    proto = build(text)
+    result = spa.prune(proto, 0.3, input_shapes=shapes)
+    assert len(result.graph.groups) == n_groups
+    assert result.equivalence.exact and len(result.equivalence.checked_groups) == n_groups
+    assert spa.metrics.count_params(result.model) < spa.metrics.count_params(result.dense)
+    from spa.io import to_proto
+
+    onnx.checker.check_model(to_proto(result.model), full_check=True)

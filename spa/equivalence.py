@@ -21,6 +21,7 @@ import onnx_ir as ir
 
 from spa.dims import Dim
 from spa.errors import EquivalenceError, ValidationError
+from spa.ops.quantized import real_zero
 
 log = logging.getLogger("spa")
 
@@ -141,7 +142,8 @@ def mask_groups(model: ir.Model, dg, plan, keys) -> tuple[ir.Model, dict]:
                     arrays[m.param] = np.array(inits[m.param].const_value.numpy(), copy=True)
                 idx = [slice(None)] * arrays[m.param].ndim
                 idx[m.param_axis] = removed
-                arrays[m.param][tuple(idx)] = 0
+                zero = real_zero(inits[m.param])  # an integer weight's real 0 is its zero point
+                arrays[m.param][tuple(idx)] = 0 if zero is None else zero[tuple(idx)]
             elif dg.period(m.dim) is not None or m.node not in nodes:
                 unmasked[key] = f"{m.dim} is a folded or unnamed axis"
             else:

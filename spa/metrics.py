@@ -8,6 +8,7 @@ import onnx
 import onnx_ir as ir
 
 from spa.ops import model_opsets, spec_of
+from spa.ops.quantized import integer_params
 from spa.runtime import concrete_shape
 
 _FLOAT = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
@@ -15,9 +16,11 @@ _FLOAT_PROTO = {int(t) for t in _FLOAT}
 
 
 def count_params(model: ir.Model) -> int:
-    """Elements of floating-point initializers (weights, biases, norm parameters)."""
-    return int(sum(math.prod(v.const_value.shape.numpy()) for v in model.graph.initializers.values()
-                   if v.const_value is not None and v.const_value.dtype in _FLOAT))
+    """Elements of floating-point initializers (weights, biases, norm parameters, quantization
+    scales) and of the integer weights and biases that quantized ops read (``integer_params``)."""
+    floats = sum(math.prod(v.const_value.shape.numpy()) for v in model.graph.initializers.values()
+                 if v.const_value is not None and v.const_value.dtype in _FLOAT)
+    return int(floats + integer_params(model.graph))
 
 
 def _static_shapes(model: ir.Model, input_shapes: dict | None) -> dict[str, tuple[int, ...]]:

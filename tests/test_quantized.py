@@ -87,8 +87,31 @@ def branchy() -> onnx.ModelProto:
     return oh.make_model(g, opset_imports=[oh.make_opsetid("", 17)])
 
 
-FLOAT_MODELS = {"cnn": cnn, "mlp": mlp, "branchy": branchy}
-INPUT_SHAPES = {"cnn": (1, 3, 8, 8), "mlp": (2, 5, 32), "branchy": (1, 3, 8, 8)}
+def attention() -> onnx.ModelProto:
+    """A pre-LN-free transformer block (4 heads, MLP 64) exported from torch."""
+    torch = pytest.importorskip("torch")
+    from helpers import export_torch
+
+    class Block(torch.nn.Module):
+        def __init__(self, d=32, h=4):
+            super().__init__()
+            self.h = h
+            self.qkv, self.o = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
+            self.f1, self.f2, self.ln = torch.nn.Linear(d, 64), torch.nn.Linear(64, d), torch.nn.LayerNorm(d)
+
+        def forward(self, x):
+            b, t, d = x.shape
+            q, k, v = (z.view(b, t, self.h, -1).transpose(1, 2) for z in self.qkv(x).split(d, -1))
+            a = torch.softmax(q @ k.transpose(-1, -2) / 4.0, -1) @ v
+            x = x + self.o(a.transpose(1, 2).reshape(b, t, d))
+            return x + self.f2(torch.relu(self.f1(self.ln(x))))
+
+    torch.manual_seed(0)
+    return export_torch(Block(), (torch.randn(2, 5, 32),), dynamo=False, input_names=["x"])
+
+
+FLOAT_MODELS = {"cnn": cnn, "mlp": mlp, "branchy": branchy, "attention": attention}
+INPUT_SHAPES = {"cnn": (1, 3, 8, 8), "mlp": (2, 5, 32), "branchy": (1, 3, 8, 8), "attention": (2, 5, 32)}
 
 
 class _Reader(quant.CalibrationDataReader):
@@ -138,7 +161,8 @@ def quantized(qdir, model: str, scheme: str) -> onnx.ModelProto:
 
 def op_counts(model) -> collections.Counter:
     proto = model if isinstance(model, onnx.ModelProto) else spa.io.to_proto(model)
-    return collections.Counter((n.domain, n.op_type) for n in proto.graph.node)
+    return collections.Counter((n.domain, n.op_type) for n in proto.graph.node
+                               if n.op_type != "Constant")  # loading lifts Constants to initializers
 
 
 def integer_inits(model) -> dict[str, np.dtype]:
@@ -246,6 +270,21 @@ def test_a_wrong_channel_is_caught(qdir):
     np.testing.assert_array_equal(got, run(right, feeds)[0])
     step = float(model.graph.initializers["y_scale"].const_value.numpy())
     assert np.abs(got - run(wrong, feeds)[0]).max() > 2 * step
+
+
+@pytest.mark.parametrize("scheme", ["qdq_pc", "qop", "dynamic"])
+def test_attention_heads_and_mlp_of_a_quantized_transformer(qdir, scheme):
+    """Q·Kᵀ and attention·V become QLinearMatMul of two activations (QOperator), the softmax
+    QLinearSoftmax; the heads group and the MLP group are found in every scheme."""
+    dense = quantized(qdir, "attention", scheme)
+    dg = spa.dependency_graph(spa.load(dense))
+    kinds = sorted((g.kind, g.size, g.exact) for g in dg.groups)
+    exact = scheme != "dynamic"
+    assert kinds == [("channels", 64, exact), ("heads", 4, exact)]
+    result = spa.prune(dense, 0.3)
+    check_pruned(dense, result)
+    eq = result.equivalence
+    assert (len(eq.checked_groups), eq.max_abs_diff) == (2, 0.0) if exact else len(eq.inexact_groups) == 2
 
 
 # ---- dynamic quantization ----------------------------------------------------------------------

@@ -22,7 +22,8 @@ from spa.dims import block, offset
 from spa.ops.context import RuleContext
 from spa.ops.conv import couple_conv
 from spa.ops.elementwise import couple_broadcast
-from spa.ops.linear import couple_gemm
+from spa.ops.linear import couple_gemm, couple_matmul
+from spa.ops.reduce import softmax, softmax_legacy
 from spa.ops.registry import norm_domain, op
 from spa.ops.shapes import prod, same_shape
 
@@ -97,19 +98,6 @@ def _identity_all(ctx: RuleContext, x, y) -> None:
         ctx.couple(dx, dy)
 
 
-def _matmul_like(ctx: RuleContext, a, b, y) -> None:
-    """A[-1] ~ B[0] (in); B[1] ~ Y[-1] (out); A's leading axes ~ Y's (a 2-D constant B)."""
-    if ctx.rank(b) != 2:
-        ctx.refuse(f"B ('{b.name}') is not a 2-D matrix")
-    ra = ctx.rank(a)
-    ctx.couple(ctx.dim(a, -1), ctx.dim(b, 0))
-    ctx.role(ctx.dim(b, 0), "in")
-    ctx.couple(ctx.dim(b, 1), ctx.dim(y, -1))
-    ctx.role(ctx.dim(b, 1), "out")
-    for i in range(ra - 1):
-        ctx.couple(ctx.dim(a, i), ctx.dim(y, i))
-
-
 def _conv_macs_at(w_index: int):
     def macs(node, ins, outs):
         """out elements × (Cin/g · k) per output element."""
@@ -157,20 +145,20 @@ def conv_integer(ctx: RuleContext) -> None:
 
 @op("QLinearMatMul", since=10, macs=_matmul_macs)
 def qlinear_matmul(ctx: RuleContext) -> None:
-    """A[-1] ~ B[0]; Y[-1] ~ B[1] ~ b_scale[0] ~ b_zero_point[0]."""
+    """MatMul(a, b): A[-1] ~ B[-2]; Y[-1] ~ B[-1] ~ b_scale[0] ~ b_zero_point[0]; batch axes."""
     a, b, y = ctx.inp(0), ctx.inp(3), ctx.out(0)
     _per_tensor(ctx, 1, 2, 6, 7)
-    _per_channel(ctx, b, 1, 4, 5)
-    _matmul_like(ctx, a, b, y)
+    _per_channel(ctx, b, ctx.rank(b) - 1, 4, 5)
+    couple_matmul(ctx, a, b, y)
 
 
 @op("MatMulInteger", since=10, macs=_matmul_macs)
 def matmul_integer(ctx: RuleContext) -> None:
-    """(A - a_zp)·(B - b_zp): A[-1] ~ B[0]; Y[-1] ~ B[1] ~ b_zero_point[0]."""
+    """MatMul(A - a_zp, B - b_zp): A[-1] ~ B[-2]; Y[-1] ~ B[-1] ~ b_zero_point[0]; batch axes."""
     a, b, y = ctx.inp(0), ctx.inp(1), ctx.out(0)
     _per_tensor(ctx, 2)
-    _per_channel(ctx, b, 1, 3)
-    _matmul_like(ctx, a, b, y)
+    _per_channel(ctx, b, ctx.rank(b) - 1, 3)
+    couple_matmul(ctx, a, b, y)
 
 
 def _qgemm_shape(node):
@@ -220,6 +208,13 @@ def qlinear_unary(ctx: RuleContext) -> None:
     """Y[a] ~ X[a] on every axis."""
     _per_tensor(ctx, 1, 2, 3, 4)
     _identity_all(ctx, ctx.inp(0), ctx.out(0))
+
+
+@op("QLinearSoftmax", domain=MS, shape=same_shape)
+def qlinear_softmax(ctx: RuleContext) -> None:
+    """Softmax of the ``opset`` it names: axes other than the normalized one(s) are carried."""
+    _per_tensor(ctx, 1, 2, 3, 4)
+    (softmax if int(ctx.attr("opset", 13)) >= 13 else softmax_legacy)(ctx)
 
 
 def _pooled(size, k: int, stride: int, pad: int, ceil: bool):

@@ -46,6 +46,11 @@ def _static_shapes(model: ir.Model, input_shapes: dict | None) -> dict[str, tupl
         dims = vi.type.tensor_type.shape.dim
         if all(d.HasField("dim_value") for d in dims):
             shapes[vi.name] = tuple(d.dim_value for d in dims)
+    for node in model.graph:  # static shapes the model already holds win: ONNX inference stops at
+        for v in node.outputs:  # contrib ops (com.microsoft QLinearAdd) that loading completed
+            dims = [getattr(d, "value", d) for d in v.shape] if v.shape is not None else None
+            if dims is not None and all(isinstance(d, int) for d in dims):
+                shapes[v.name] = tuple(dims)
     for name, v in model.graph.initializers.items():
         if v.const_value is not None:
             shapes[name] = tuple(v.const_value.shape.numpy())

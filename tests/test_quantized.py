@@ -277,8 +277,11 @@ def test_attention_heads_and_mlp_of_a_quantized_transformer(qdir, scheme):
     """Q·Kᵀ and attention·V become QLinearMatMul of two activations (QOperator), the softmax
     QLinearSoftmax; the heads group and the MLP group are found in every scheme."""
     dense = quantized(qdir, "attention", scheme)
-    dg = spa.dependency_graph(spa.load(dense))
+    loaded = spa.load(dense)
+    dg = spa.dependency_graph(loaded)
     kinds = sorted((g.kind, g.size, g.exact) for g in dg.groups)
+    # every product is counted, after com.microsoft QLinearAdd too: 4 projections + Q·Kᵀ + A·V
+    assert count_macs(loaded) == 10 * 32 * (96 + 32 + 64 + 64) + 2 * (2 * 4 * 5 * 5 * 8)
     exact = scheme != "dynamic"
     assert kinds == [("channels", 64, exact), ("heads", 4, exact)]
     result = spa.prune(dense, 0.3)

@@ -58,8 +58,8 @@ QUANT_WEIGHTS: dict[tuple[str, str], QuantWeight] = {
     (MS, "QGemm"): QuantWeight(3, 4, 5, lambda n, r: 0 if _attr(n, "transB", 0) else 1, (6,)),
     ("", "ConvInteger"): QuantWeight(1, None, 3, lambda n, r: 0),
     ("", "MatMulInteger"): QuantWeight(1, None, 3, lambda n, r: r - 1),
-    (MS, "QLinearAdd"): QuantWeight(3, 4, 5, lambda n, r: r - 1),  # a constant B: a folded bias
-    (MS, "QLinearMul"): QuantWeight(3, 4, 5, lambda n, r: r - 1),
+    (MS, "QLinearAdd"): QuantWeight(3, 4, 5, lambda n, r: r - 1, (0,)),  # a constant operand: a bias
+    (MS, "QLinearMul"): QuantWeight(3, 4, 5, lambda n, r: r - 1, (0,)),
 }
 
 

@@ -397,3 +397,15 @@ def test_magnitude_reads_dequantized_weights_without_overflow():
     s = np.asarray(scores[dg.groups[0].key])
     # mean over the DQ'd weight (out) and the zero w2 (in): -128 is not wrapped, channel 2 is its zero point
     np.testing.assert_allclose(s, [128.0, 50.0, 0.0])
+
+
+def test_compensation_leaves_integer_weights_on_their_grid(qdir):
+    """OBSPA's reconstruction would truncate real-valued updates into int8: those stay as they are."""
+    dense = quantized(qdir, "cnn", "qdq_pc")
+    result = spa.prune(dense, 0.3, criterion="obspa")
+    check_pruned(dense, result)
+    assert any("integer (quantized) weights" in n and "w2_quantized" in n for n in result.notes)
+    before = spa.load(dense).graph.initializers["wf_quantized"].const_value.numpy()
+    after = result.model.graph.initializers["wf_quantized"].const_value.numpy()
+    kept = [np.flatnonzero((before == col[:, None]).all(axis=0)).size > 0 for col in after.T]
+    assert all(kept)  # every kept column is an original column

@@ -409,3 +409,17 @@ def test_compensation_leaves_integer_weights_on_their_grid(qdir):
     after = result.model.graph.initializers["wf_quantized"].const_value.numpy()
     kept = [np.flatnonzero((before == col[:, None]).all(axis=0)).size > 0 for col in after.T]
     assert all(kept)  # every kept column is an original column
+
+
+def test_wanda_reads_a_dequantized_consumer_weight():
+    """|W|·‖X‖ of an int8 consumer: the all -128 row is the heaviest, not a negative score."""
+    proto = build('<ir_version: 9, opset_import: ["" : 17]>\n'
+                  """g (float[1,4] x, float[4,3] w1, int8[3,2] wq, float ws) => (float[1,2] y)
+                  { h = MatMul(x, w1)  w = DequantizeLinear(wq, ws)  y = MatMul(h, w) }""")
+    inits = {i.name: i for i in proto.graph.initializer}
+    inits["wq"].CopyFrom(nh.from_array(np.array([[-128, -128], [3, 3], [0, 1]], np.int8), "wq"))
+    inits["ws"].CopyFrom(nh.from_array(np.array(0.5, np.float32), "ws"))
+    dg = spa.dependency_graph(spa.load(proto))
+    stats = spa.collect_stats(dg)
+    s = np.asarray(spa.score(dg, "wanda", normalization="none", stats=stats)["w1:1"])
+    assert s.argmax() == 0 and (s > 0).all()

@@ -19,7 +19,7 @@ from onnx import numpy_helper as nh
 import spa
 from spa.equivalence import mask_groups
 from spa.metrics import count_macs, count_params
-from spa.ops.quantized import _pack, _unpack, integer_params, real_weight, real_zero
+from spa.ops.quantized import _pack, _unpack, integer_params, output_step, real_weight, real_zero
 
 quant = pytest.importorskip("onnxruntime.quantization")
 
@@ -269,6 +269,7 @@ def test_a_wrong_channel_is_caught(qdir):
     wrong, _ = mask_groups(model, dg, single_group_plan(dg, g, range(0, 12)), [g.key])
     np.testing.assert_array_equal(got, run(right, feeds)[0])
     step = float(model.graph.initializers["y_scale"].const_value.numpy())
+    assert output_step(model.graph) == step  # the built-in check allows one step
     assert np.abs(got - run(wrong, feeds)[0]).max() > 2 * step
 
 

@@ -501,3 +501,18 @@ def integer_params(graph) -> int:
             if arr is not None and np.issubdtype(arr.dtype, np.integer):
                 counted[node.inputs[i].name] = int(arr.size)
     return sum(counted.values())
+
+
+def output_step(graph) -> float:
+    """One quantization step of the graph's outputs: the largest constant scale of a
+    DequantizeLinear that computes one, 1 for an integer output, 0 when none is quantized."""
+    step = 0.0
+    for v in graph.outputs:
+        prod = v.producer()
+        if v.dtype is not None and v.dtype.is_integer():
+            step = max(step, 1.0)
+        elif prod is not None and (norm_domain(prod.domain), prod.op_type) == ("", "DequantizeLinear"):
+            scale = _operand(prod, 1)
+            if scale is not None and scale.size:
+                step = max(step, float(np.max(np.abs(scale))))
+    return step

@@ -424,3 +424,26 @@ def test_wanda_reads_a_dequantized_consumer_weight():
     stats = spa.collect_stats(dg)
     s = np.asarray(spa.score(dg, "wanda", normalization="none", stats=stats)["w1:1"])
     assert s.argmax() == 0 and (s > 0).all()
+
+
+@pytest.mark.parametrize("opset, axis", [(10, None), (13, 0), (19, 0), (21, 0)])
+def test_dequantize_linear_across_opsets(opset, axis):
+    """A hand-written QDQ Conv pair: per tensor (opset 10) or per channel, random (non-zero)
+    zero points."""
+    side, attr = ("float ws, int8 wz", "") if axis is None else ("float[8] ws, int8[8] wz", f"<axis={axis}>")
+    m = build(f'<ir_version: {10 if opset >= 21 else 8}, opset_import: ["" : {opset}]>\n'
+              f"""g (float[1,3,6,6] x, int8[8,3,3,3] wq, {side}, float[8] b1, float[4,8,1,1] w2)
+                  => (float[1,4,6,6] y)
+              {{ w = DequantizeLinear {attr} (wq, ws, wz)  h = Conv <pads=[1,1,1,1]> (x, w, b1)
+                 r = Relu(h)  y = Conv(r, w2) }}""")
+    dg = spa.dependency_graph(spa.load(m))
+    g = dg.group("wq:0")
+    members = {str(x.dim) for x in g.members}
+    assert g.size == 8 and {"wq[0]", "b1[0]", "w2[1]"} <= members
+    assert ({"ws[0]", "wz[0]"} <= members) == (axis is not None)
+    result = spa.prune(m, 0.3)
+    onnx.checker.check_model(spa.io.to_proto(result.model))
+    wq = result.model.graph.initializers["wq"].const_value
+    assert wq.numpy().dtype == np.int8 and wq.shape.numpy() == (6, 3, 3, 3)
+    assert result.equivalence.checked_groups == ("wq:0",)
+    assert result.equivalence.max_abs_diff <= result.equivalence.tolerance

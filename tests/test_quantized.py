@@ -147,8 +147,8 @@ def quantized(qdir, model: str, scheme: str) -> onnx.ModelProto:
     src, dst = qdir / f"{model}.onnx", qdir / f"{model}_{scheme}.onnx"
     if not dst.exists():
         onnx.save(FLOAT_MODELS[model](), src)
-        if scheme == "dynamic":
-            quant.quantize_dynamic(src, dst)
+        if scheme.startswith("dynamic"):
+            quant.quantize_dynamic(src, dst, per_channel=scheme == "dynamic_pc")
         elif scheme == "nbits":
             nbits = pytest.importorskip("onnxruntime.quantization.matmul_nbits_quantizer")
             q = nbits.MatMulNBitsQuantizer(onnx.load(src), block_size=16, is_symmetric=False)
@@ -292,15 +292,17 @@ def test_attention_heads_and_mlp_of_a_quantized_transformer(qdir, scheme):
 
 
 # ---- dynamic quantization ----------------------------------------------------------------------
-@pytest.mark.parametrize("model", ["cnn", "mlp"])
-def test_dynamic_quantization_prunes_inexact(qdir, model):
-    dense = quantized(qdir, model, "dynamic")
+@pytest.mark.parametrize("model, scheme", [("cnn", "dynamic"), ("mlp", "dynamic"), ("mlp", "dynamic_pc")])
+def test_dynamic_quantization_prunes_inexact(qdir, model, scheme):
+    dense = quantized(qdir, model, scheme)
     assert {"DynamicQuantizeLinear", "MatMulInteger"} <= {t for _, t in op_counts(dense)}
     dg = spa.dependency_graph(spa.load(dense))
     sizes = {g.key: g.size for g in dg.groups}
     assert sizes == ({"w1_quantized:0": 16, "w2_quantized:0": 32} if model == "cnn"
                      else {"w1_quantized:1": 64, "w2_quantized:1": 48})
     assert not any(g.exact for g in dg.groups)  # the run-time scale spans the removed channels
+    if scheme == "dynamic_pc":  # per-column weight scales multiply the output: they follow it
+        assert "w2_scale[0]" in {str(m.dim) for m in dg.group("w2_quantized:1").members}
     result = spa.prune(dense, 0.3)
     check_pruned(dense, result)
     eq = result.equivalence

@@ -358,15 +358,29 @@ def test_blocked_quantization_is_refused():
     assert "wq:1" not in {g.key for g in dg.groups}
 
 
-def test_per_channel_activation_scale_is_refused():
+def test_per_channel_activation_scale_follows_the_channels():
     m = build('<ir_version: 9, opset_import: ["" : 17]>\n'
               """g (float[1,4,2,2] x, float[4,4,1,1] w1, float[4] sa, float[4,4,1,1] w2) => (float[1,4,2,2] y)
               { h = Conv(x, w1)  q = QuantizeLinear <axis=1> (h, sa)  d = DequantizeLinear <axis=1> (q, sa)
                 y = Conv(d, w2) }""")
     dg = spa.dependency_graph(spa.load(m))
-    # a per-channel activation scale is per channel: it follows the channels and stays exact
+    # a constant per-channel activation scale is sliced with the channels and stays exact
     g = dg.group("w1:0")
     assert g.exact and "sa[0]" in {str(x.dim) for x in g.members}
+    result = spa.prune(m, 0.5)
+    assert result.model.graph.initializers["sa"].const_value.shape.numpy() == (2,)
+    assert result.equivalence.checked_groups == ("w1:0",)
+
+
+def test_qlinear_op_with_a_per_channel_activation_scale_is_a_barrier():
+    m = build('<ir_version: 9, opset_import: ["" : 17, "com.microsoft" : 1]>\n'
+              """g (uint8[1,4] x, float xs, uint8 xz, uint8[4,6] wq, float ws, uint8 wz, float hs, uint8 hz,
+                   float[6] s6, uint8[6] bq) => (uint8[1,6] y)
+              { h = QLinearMatMul(x, xs, xz, wq, ws, wz, hs, hz)
+                y = com.microsoft.QLinearAdd(h, s6, hz, bq, hs, hz, hs, hz) }""", weights="wbsh")
+    dg = spa.dependency_graph(spa.load(m))
+    assert any(b.op == "QLinearAdd" and "not a per-tensor scale" in b.reason for b in dg.barriers)
+    assert not dg.groups
 
 
 @pytest.mark.parametrize("scheme", ["qdq_pc", "qop", "dynamic", "nbits"])

@@ -463,3 +463,13 @@ def test_dequantize_linear_across_opsets(opset, axis):
     assert wq.numpy().dtype == np.int8 and wq.shape.numpy() == (6, 3, 3, 3)
     assert result.equivalence.checked_groups == ("wq:0",)
     assert result.equivalence.max_abs_diff <= result.equivalence.tolerance
+
+
+def test_output_step_of_quantized_and_index_outputs():
+    m = build('<ir_version: 9, opset_import: ["" : 17]>\n'
+              """g (float[1,4] x, float[4,4] w, float s, uint8 z) => (int64[1] i, uint8[1,4] q)
+              { h = MatMul(x, w)  i = ArgMax <axis=1, keepdims=0> (h)  q = QuantizeLinear(h, s, z) }""")
+    model = spa.load(m)
+    assert output_step(model.graph) == 1.0  # the uint8 output; ArgMax's int64 indices allow no step
+    model.graph.outputs.pop()
+    assert output_step(model.graph) == 0.0

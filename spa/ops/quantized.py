@@ -505,11 +505,12 @@ def integer_params(graph) -> int:
 
 def output_step(graph) -> float:
     """One quantization step of the graph's outputs: the largest constant scale of a
-    DequantizeLinear that computes one, 1 for an integer output, 0 when none is quantized."""
+    DequantizeLinear that computes one, 1 for a quantized (8- or 16-bit integer) output, 0 when
+    none is quantized (indices, int64, are compared exactly)."""
     step = 0.0
     for v in graph.outputs:
         prod = v.producer()
-        if v.dtype is not None and v.dtype.is_integer():
+        if v.dtype is not None and v.dtype.name in ("INT8", "UINT8", "INT16", "UINT16"):
             step = max(step, 1.0)
         elif prod is not None and (norm_domain(prod.domain), prod.op_type) == ("", "DequantizeLinear"):
             scale = _operand(prod, 1)

@@ -116,14 +116,20 @@ class CompleteShapesPass(ir.passes.InPlacePass):
             _forget_generated_symbols(model, solved_values)
             ir.passes.common.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
         opsets = model_opsets(model)
-        for node in model.graph:
-            out = node.outputs[0] if node.outputs else None
-            if out is None or out.shape is not None:
-                continue
-            for v, shape in zip(node.outputs, _completed(node, opsets) or []):
-                if v is not None and shape is not None and v.shape is None:
-                    v.shape = shape if isinstance(shape, ir.Shape) else ir.Shape(shape)
-                    if v.type is None and node.inputs and node.inputs[0] is not None:
-                        v.type = node.inputs[0].type  # these ops keep their input's element type
-                    modified = True
+        for _ in range(4):  # ops after a completed one are inferred again (a contrib op mid-graph)
+            completed = False
+            for node in model.graph:
+                out = node.outputs[0] if node.outputs else None
+                if out is None or out.shape is not None:
+                    continue
+                for v, shape in zip(node.outputs, _completed(node, opsets) or []):
+                    if v is not None and shape is not None and v.shape is None:
+                        v.shape = shape if isinstance(shape, ir.Shape) else ir.Shape(shape)
+                        if v.type is None and node.inputs and node.inputs[0] is not None:
+                            v.type = node.inputs[0].type  # these ops keep their input's element type
+                        completed = True
+            if not completed:
+                break
+            modified = True
+            ir.passes.common.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
         return ir.passes.PassResult(model, modified)

@@ -8,6 +8,7 @@ import onnx
 import onnx_ir as ir
 
 from spa.ops import model_opsets, spec_of
+from spa.ops.quantized import integer_param_sizes
 from spa.runtime import concrete_shape
 
 _FLOAT = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
@@ -15,9 +16,13 @@ _FLOAT_PROTO = {int(t) for t in _FLOAT}
 
 
 def param_elements(model: ir.Model) -> dict[str, int]:
-    """Elements of each initializer counted as a parameter (weights, biases, norm parameters)."""
-    return {name: int(math.prod(v.const_value.shape.numpy())) for name, v in model.graph.initializers.items()
-            if v.const_value is not None and v.const_value.dtype in _FLOAT}
+    """Elements of each initializer counted as a parameter: floating-point ones (weights,
+    biases, norm parameters, quantization scales) and the integer weights and biases that
+    quantized ops read (``integer_param_sizes``)."""
+    sizes = {name: int(math.prod(v.const_value.shape.numpy())) for name, v in model.graph.initializers.items()
+             if v.const_value is not None and v.const_value.dtype in _FLOAT}
+    sizes.update(integer_param_sizes(model.graph))
+    return sizes
 
 
 def count_params(model: ir.Model) -> int:
@@ -48,6 +53,11 @@ def _static_shapes(model: ir.Model, input_shapes: dict | None) -> dict[str, tupl
         dims = vi.type.tensor_type.shape.dim
         if all(d.HasField("dim_value") for d in dims):
             shapes[vi.name] = tuple(d.dim_value for d in dims)
+    for node in model.graph:  # static shapes the model already holds win: ONNX inference stops at
+        for v in node.outputs:  # contrib ops (com.microsoft QLinearAdd) that loading completed
+            dims = [getattr(d, "value", d) for d in v.shape] if v.shape is not None else None
+            if dims is not None and all(isinstance(d, int) for d in dims):
+                shapes[v.name] = tuple(dims)
     for name, v in model.graph.initializers.items():
         if v.const_value is not None:
             shapes[name] = tuple(v.const_value.shape.numpy())

@@ -9,6 +9,7 @@ import numpy as np
 
 from spa.criteria.registry import Scores, ScoringInputs, criterion, normalize
 from spa.groups import MAGNITUDE_ROLES, Group
+from spa.ops.quantized import real_weight
 
 ArrayOf = Callable[[str], np.ndarray]
 #: Per-index importance of a parameter along one axis: (array moved to axis 0, flattened) -> [n].
@@ -72,10 +73,21 @@ def slot_scores(group: Group, array_of: ArrayOf, fn: PerIndex = abs_sum,
     return total
 
 
+def real_weights(inputs: ScoringInputs) -> ArrayOf:
+    """Parameter values as real numbers: an integer weight dequantized ((q - zero point) × scale)."""
+    def array_of(name: str) -> np.ndarray:
+        key = ("real", name)
+        if key not in inputs._cache:
+            real = real_weight(inputs.dg.values[name])
+            inputs._cache[key] = inputs.weights(name) if real is None else real
+        return inputs._cache[key]
+    return array_of
+
+
 def weight_scores(inputs: ScoringInputs, name: str, fn: PerIndex, roles=MAGNITUDE_ROLES,
                   array_of: ArrayOf | None = None) -> Scores:
     """Scores of every group from per-index importances of its parameters."""
-    array_of = array_of or inputs.weights
+    array_of = array_of or real_weights(inputs)
     groups = inputs.dg.groups
     by_key = {g.key: group_scores(g, array_of, fn, inputs.reduction, inputs.normalization, roles) for g in groups}
     slots = {g.key: slot_scores(g, array_of, fn) for g in groups if g.heads and g.heads.slots}

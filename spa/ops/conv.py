@@ -60,7 +60,12 @@ def _whole_groups(ctx: RuleContext, x, y, group: int) -> None:
 @op("Conv", shape=_conv_shape, layer=conv_layer, macs=_conv_macs)
 def conv(ctx: RuleContext) -> None:
     """y[1] ~ W[0] ~ B[0]; x[1] ~ W[1] (group=1) or x[1]//(Cin/g) ~ y[1]//(Cout/g) (grouped)."""
-    x, w, b, y = ctx.inp(0), ctx.inp(1), ctx.inp(2), ctx.out(0)
+    couple_conv(ctx, ctx.inp(0), ctx.inp(1), ctx.inp(2), ctx.out(0))
+
+
+def couple_conv(ctx: RuleContext, x, w, b, y) -> None:
+    """The Conv couplings of operands ``x``, ``w``, optional ``b`` and output ``y`` (ops that
+    read them at other input positions share them: QLinearConv, ConvInteger)."""
     group = int(ctx.attr("group", 1))
     _batch(ctx, x, y)
     ctx.couple(ctx.dim(y, 1), ctx.dim(w, 0))

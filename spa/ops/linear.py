@@ -22,7 +22,12 @@ def _matmul_macs(node, ins, outs):
 @op("Gemm", layer=matmul_layer, macs=_gemm_macs)
 def gemm(ctx: RuleContext) -> None:
     """A[K] ~ B[K] (contracted, B role in); Y[1] ~ B[N] (role out) ~ C; Y[0] ~ A[M]."""
-    a, b, c, y = ctx.inp(0), ctx.inp(1), ctx.inp(2), ctx.out(0)
+    couple_gemm(ctx, ctx.inp(0), ctx.inp(1), ctx.inp(2), ctx.out(0))
+
+
+def couple_gemm(ctx: RuleContext, a, b, c, y) -> None:
+    """The Gemm couplings of operands ``a``, ``b``, optional ``c`` and output ``y`` (QGemm reads
+    them at other input positions)."""
     ta, tb = int(ctx.attr("transA", 0)), int(ctx.attr("transB", 0))
     a_k, a_m = (0, 1) if ta else (1, 0)
     b_k, b_n = (1, 0) if tb else (0, 1)
@@ -38,7 +43,12 @@ def gemm(ctx: RuleContext) -> None:
 @op("MatMul", layer=matmul_layer, macs=_matmul_macs)
 def matmul(ctx: RuleContext) -> None:
     """A[-1] ~ B[-2] (contracted); Y[-1] ~ B[-1]; Y[-2] ~ A[-2]; batch axes broadcast."""
-    a, b, y = ctx.inp(0), ctx.inp(1), ctx.out(0)
+    couple_matmul(ctx, ctx.inp(0), ctx.inp(1), ctx.out(0))
+
+
+def couple_matmul(ctx: RuleContext, a, b, y) -> None:
+    """The MatMul couplings of operands ``a``, ``b`` and output ``y`` (QLinearMatMul and
+    MatMulInteger read them at other input positions)."""
     ra, rb, ry = ctx.rank(a), ctx.rank(b), ctx.rank(y)
     # Roles are harmless on activations: only dims traced back to an initializer are parameters.
     ctx.couple(ctx.dim(a, -1), ctx.dim(b, 0 if rb == 1 else -2))

@@ -15,8 +15,9 @@ _FLOAT_PROTO = {int(t) for t in _FLOAT}
 
 
 def count_params(model: ir.Model) -> int:
-    """Elements of floating-point initializers (weights, biases, norm parameters)."""
-    return int(sum(math.prod(v.const_value.shape.numpy()) for v in model.graph.initializers.values()
+    """Elements of floating-point initializers (weights, biases, norm parameters), those of
+    If / Loop / Scan bodies included."""
+    return int(sum(math.prod(v.const_value.shape.numpy()) for g in model.graphs() for v in g.initializers.values()
                    if v.const_value is not None and v.const_value.dtype in _FLOAT))
 
 

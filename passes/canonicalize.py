@@ -101,12 +101,31 @@ class UntieUniformInitializersPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified)
 
 
+class IdentityEliminationPass(common.IdentityEliminationPass):
+    """onnx-ir's Identity elimination, except where a subgraph outputs an outer value.
+
+    Upstream replaces ``y = Identity(x)`` by ``x`` even when ``y`` is a subgraph's output and
+    ``x`` lives in an enclosing graph; ``x`` then becomes that subgraph's output, and a second
+    branch doing the same raises "Value ... is already an output of a different graph"
+    (TorchScript exports of nested ``If`` whose branches pass an input through). Such an
+    Identity is kept; every other one is eliminated as upstream does.
+    """
+
+    def _try_eliminate_identity_node(self, node: ir.Node) -> bool:
+        x = node.inputs[0] if len(node.inputs) == 1 else None
+        y = node.outputs[0] if len(node.outputs) == 1 else None
+        if x is not None and y is not None and node.graph is not None and y in node.graph.outputs:
+            if x.graph is not node.graph:
+                return False
+        return super()._try_eliminate_identity_node(node)
+
+
 class CanonicalizePass(ir.passes.InPlacePass):
     """Runs the canonicalization sequence in place and marks the model as canonical (analyses
     refuse a model without the mark)."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        params = frozenset(name for name, v in model.graph.initializers.items()
+        params = frozenset(name for g in model.graphs() for name, v in g.initializers.items()  # bodies too
                            if v.dtype is not None and v.dtype.is_floating_point())
         params |= frozenset(v.name for v in model.graph.inputs if v.name in model.graph.initializers)
         steps = (
@@ -115,7 +134,7 @@ class CanonicalizePass(ir.passes.InPlacePass):
             common.InlinePass(),
             common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
             FoldConstantsPass(params),
-            common.IdentityEliminationPass(),
+            IdentityEliminationPass(),
             common.RemoveUnusedNodesPass(),
             common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
             UntieUniformInitializersPass(),

@@ -101,6 +101,48 @@ class UntieUniformInitializersPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified)
 
 
+def _fresh(name: str, used: set[str]) -> str:
+    k, new = 1, name
+    while new in used:
+        new, k = f"{name}_{k}", k + 1
+    used.add(new)
+    return new
+
+
+class UniqueNamesPass(ir.passes.InPlacePass):
+    """Value and node names unique across the whole model, subgraphs included.
+
+    onnx-ir's NameFixPass makes names unique within a graph and its parents only: the two
+    branches of an If may both hold a ``W`` or a node ``conv``. Dims, fix-ups and masks are
+    keyed by name, so a later duplicate (in graph order, the main graph first) is renamed.
+    """
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        value_names: set[str] = set()
+        node_names: set[str] = set()
+        seen: set[int] = set()
+        modified = False
+        for graph in model.graphs():
+            values = list(graph.inputs) + list(graph.initializers.values())
+            values += [v for node in graph for v in node.outputs]
+            for v in values:
+                if id(v) in seen or not v.name:
+                    continue
+                seen.add(id(v))
+                if v.name in value_names:
+                    v.name = _fresh(v.name, value_names)
+                    modified = True
+                else:
+                    value_names.add(v.name)
+            for node in graph:
+                if node.name in node_names:
+                    node.name = _fresh(node.name, node_names)
+                    modified = True
+                elif node.name:
+                    node_names.add(node.name)
+        return ir.passes.PassResult(model, modified)
+
+
 class IdentityEliminationPass(common.IdentityEliminationPass):
     """onnx-ir's Identity elimination, except where a subgraph outputs an outer value.
 
@@ -130,6 +172,7 @@ class CanonicalizePass(ir.passes.InPlacePass):
         params |= frozenset(v.name for v in model.graph.inputs if v.name in model.graph.initializers)
         steps = (
             common.NameFixPass(),
+            UniqueNamesPass(),
             common.RemoveInitializersFromInputsPass(),
             common.InlinePass(),
             common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
@@ -138,6 +181,7 @@ class CanonicalizePass(ir.passes.InPlacePass):
             common.RemoveUnusedNodesPass(),
             common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
             UntieUniformInitializersPass(),
+            UniqueNamesPass(),  # values folding created in sibling bodies
             common.TopologicalSortPass(),
             common.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True),
             CompleteShapesPass(),

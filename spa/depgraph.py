@@ -208,6 +208,9 @@ class DependencyGraph:
                     self.order[v.name] = base + 2 * k
                     self.values[v.name] = v
             for v in node.outputs:
+                if self.values.get(v.name, v) is not v:  # dims are keyed by name
+                    raise UnsupportedModelError(f"two values are named '{v.name}' (one made by {node.op_type} "
+                                                f"'{node.name}'); load the model with spa.load, which renames them")
                 self.order[v.name] = base + 2 * k + 1
                 self.values[v.name] = v
             self._apply_rule(node, base + 2 * k + 1)

@@ -304,3 +304,79 @@ def test_scan_state_and_scan_axes():
     assert {"Y[2]", "s_fin[1]", "s_in[1]", "y_t[1]", "s0[1]"} <= members
     assert not {"Y[1]", "X[1]"} & members
     assert [tuple(o.shape) for o in run(pruned, feeds[0])] == [(1, 5, 2), (1, 3)]
+
+
+def test_sibling_branches_reusing_names_and_constant_weights():
+    """Both branches name their weight ``W`` (a Constant node) and their nodes alike: renamed
+    apart on load, each branch's weight is sliced where it lives."""
+    def branch(tag, seed):
+        w = np.random.default_rng(seed).standard_normal((8, 3, 3, 3)).astype(np.float32)
+        return _branch(tag, f"y_{tag}", [
+            helper.make_node("Constant", [], ["W"], value=numpy_helper.from_array(w, "W")),
+            helper.make_node("Conv", ["x", "W"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["c"], [f"y_{tag}"], name="relu")], [], [1, 8, 5, 5])
+
+    nodes = [helper.make_node("If", ["cond"], ["y"], name="if", then_branch=branch("t", 1), else_branch=branch("e", 2)),
+             helper.make_node("Conv", ["y", "Wc"], ["out"], name="conv_c")]
+    model = _model(nodes, [helper.make_tensor_value_info("x", F, [1, 3, 5, 5]),
+                           helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                   [helper.make_tensor_value_info("out", F, [1, 4, 5, 5])], [_init("Wc", 4, 8, 1, 1)])
+    dg, pruned = _check_pruned(model, _if_feeds())
+    (g,) = dg.groups
+    assert {(m.param, m.param_axis) for m in g.params} == {("W", 0), ("W_1", 0), ("Wc", 1)}
+    shapes = {n: v.const_value.shape for gr in pruned.graphs() if gr is not pruned.graph
+              for n, v in gr.initializers.items()}
+    assert shapes == {"W": ir.Shape([4, 3, 3, 3]), "W_1": ir.Shape([4, 3, 3, 3])}
+
+
+def test_fixup_inside_a_branch_writes_its_constant_there():
+    model = spa.load(_if_model())
+    dg = spa.dependency_graph(model)
+    pruned = spa.apply_plan(model, _half_plan(dg), check_equivalence=False)
+    then = next(gr for gr in pruned.graphs() if any(n.op_type == "Reshape" for n in gr))
+    reshape = next(n for n in then if n.op_type == "Reshape")
+    target = reshape.inputs[1]
+    assert target.name in then.initializers  # created in the branch, not the main graph
+    assert target.const_value.numpy().tolist() == [1, 4, 5, 5]
+
+
+def _strip_body_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    body = next(a.g for n in model.graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH)
+    for v in list(body.input[2:]) + list(body.output[1:]):  # trip count and condition keep theirs
+        v.type.tensor_type.ClearField("shape")
+    return model
+
+
+def test_loop_body_without_shapes_takes_them_from_the_initial_values():
+    """Exporters leave body inputs unshaped; they take the shape of the initial values."""
+    feeds = [{"x": RNG.standard_normal((1, 4)).astype(np.float32)}]
+    dg, _ = _check_pruned(_strip_body_shapes(_loop_model()), feeds)
+    assert [(g.key, g.size) for g in dg.groups] == [("W0:1", 8)]
+
+
+def test_loop_carried_value_that_grows_stays_blocked():
+    """h = Concat(h, x·W) over the iterations: the carried shape changes, nothing is pruned
+    through it, and the model still loads and validates."""
+    body = helper.make_graph([
+        helper.make_node("MatMul", ["x", "Wb"], ["p"], name="mm_b"),
+        helper.make_node("Concat", ["h_in", "p"], ["h_out"], name="cat", axis=1),
+        helper.make_node("Identity", ["cond_in"], ["cond_out"], name="cond_id"),
+    ], "body", [helper.make_tensor_value_info("it", TensorProto.INT64, []),
+                helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+                helper.make_tensor_value_info("h_in", F, None)],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_out", F, None)], [_init("Wb", 4, 8)])
+    nodes = [helper.make_node("MatMul", ["x", "W0"], ["h0"], name="mm_0"),
+             helper.make_node("Loop", ["trip", "cond", "h0"], ["h_fin"], name="loop", body=body),
+             helper.make_node("ReduceSum", ["h_fin"], ["out"], name="sum", keepdims=0)]
+    inits = [_init("W0", 4, 8), numpy_helper.from_array(np.array(2, np.int64), "trip"),
+             numpy_helper.from_array(np.array(True), "cond")]
+    model = _model(nodes, [helper.make_tensor_value_info("x", F, [1, 4])],
+                   [helper.make_tensor_value_info("out", F, [])], inits)
+    loaded = spa.load(model)
+    h_in = next(gr for gr in loaded.graphs() if gr is not loaded.graph).inputs[2]
+    assert h_in.shape is None  # no shape claimed for a value that grows
+    dg = spa.dependency_graph(loaded)
+    assert not dg.groups and "W0:1" in {b.key for b in dg.blocked_groups}
+    (out,) = run(loaded, {"x": RNG.standard_normal((1, 4)).astype(np.float32)})
+    assert out.shape == ()

@@ -338,6 +338,7 @@ def test_fixup_inside_a_branch_writes_its_constant_there():
     target = reshape.inputs[1]
     assert target.name in then.initializers  # created in the branch, not the main graph
     assert target.const_value.numpy().tolist() == [1, 4, 5, 5]
+    assert set(then.initializers) == {"Wa", target.name}  # the replaced constant is gone
 
 
 def _strip_body_shapes(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -106,11 +106,18 @@ def _torchscript_vad() -> onnx.ModelProto:
             return y, h
 
     torch.manual_seed(0)
+    return _script_export(Vad(), (torch.randn(1, 4, 10), torch.tensor(16000)), ["x", "sr"])
+
+
+def _script_export(module, args, names) -> onnx.ModelProto:
+    """TorchScript export of ``torch.jit.script(module)``: data-dependent control flow stays."""
+    import torch
+
     f = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(torch.jit.script(Vad().eval()), (torch.randn(1, 4, 10), torch.tensor(16000)), f,
-                          dynamo=False, input_names=["x", "sr"], opset_version=17)
+        torch.onnx.export(torch.jit.script(module.eval()), args, f, dynamo=False, input_names=names,
+                          opset_version=17)
     return onnx.load_from_string(f.getvalue())
 
 
@@ -381,3 +388,30 @@ def test_loop_carried_value_that_grows_stays_blocked():
     assert not dg.groups and "W0:1" in {b.key for b in dg.blocked_groups}
     (out,) = run(loaded, {"x": RNG.standard_normal((1, 4)).astype(np.float32)})
     assert out.shape == ()
+
+
+def test_torchscript_loop_with_a_hidden_state():
+    """A recurrence written as a Python for-loop, scripted: a Loop whose body reads the outer
+    Linear weights and carries ``h`` (initial zeros, a constant sliced with the group)."""
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+
+    class Recurrent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.rec, self.out = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = torch.zeros(1, 8)
+            for t in range(x.size(0)):
+                h = torch.tanh(self.inp(x[t]) + self.rec(h))
+            return self.out(h)
+
+    torch.manual_seed(0)
+    proto = _script_export(Recurrent(), (torch.randn(5, 1, 4),), ["x"])
+    assert any(n.op_type == "Loop" for n in proto.graph.node)
+    dg, _ = _check_pruned(proto, [{"x": RNG.standard_normal((5, 1, 4)).astype(np.float32)}])
+    (g,) = dg.groups
+    assert g.key == "inp.weight:0" and g.size == 8
+    assert {(m.param, m.param_axis) for m in g.params} >= {
+        ("inp.weight", 0), ("rec.weight", 0), ("rec.weight", 1), ("out.weight", 1)}

@@ -60,7 +60,7 @@ class ApplyContext:
         name = f"{node.name}_spa_in{index}_{self._counter}"
         value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(_dtype(array)),
                          const_value=ir.tensor(array, name=name))
-        self.model.graph.register_initializer(value)
+        (node.graph or self.model.graph).register_initializer(value)  # a body node: its own graph
         if index >= len(node.inputs):
             node.resize_inputs(index + 1)
         node.replace_input_with(index, value)
@@ -80,7 +80,7 @@ class ApplyContext:
         for old, new in zip(prod.outputs, copy.outputs):
             new.name = f"{old.name}_spa_copy{self._counter}"
             new.shape, new.type = old.shape, old.type
-        self.model.graph.insert_before(node, copy)
+        node.graph.insert_before(node, copy)
         node.replace_input_with(index, copy.outputs[list(prod.outputs).index(v)])
         return copy
 
@@ -175,7 +175,7 @@ class ApplyPlanPass(ir.passes.InPlacePass):
         arr = v.const_value.numpy()
         name = f"{v.name}_spa_kept"
         copy = ir.Value(name=name, shape=ir.Shape(arr.shape), type=v.type, const_value=ir.tensor(arr.copy(), name=name))
-        dg.model.graph.register_initializer(copy)
+        (v.graph or dg.model.graph).register_initializer(copy)
         for node, i in others:
             node.replace_input_with(i, copy)
 

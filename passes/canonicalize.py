@@ -102,24 +102,87 @@ class UntieUniformInitializersPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified)
 
 
+def _fresh(name: str, used: set[str]) -> str:
+    k, new = 1, name
+    while new in used:
+        new, k = f"{name}_{k}", k + 1
+    used.add(new)
+    return new
+
+
+class UniqueNamesPass(ir.passes.InPlacePass):
+    """Value and node names unique across the whole model, subgraphs included.
+
+    onnx-ir's NameFixPass makes names unique within a graph and its parents only: the two
+    branches of an If may both hold a ``W`` or a node ``conv``. Dims, fix-ups and masks are
+    keyed by name, so a later duplicate (in graph order, the main graph first) is renamed.
+    """
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        value_names: set[str] = set()
+        node_names: set[str] = set()
+        seen: set[int] = set()
+        modified = False
+        for graph in model.graphs():
+            values = list(graph.inputs) + list(graph.initializers.values())
+            values += [v for node in graph for v in node.outputs]
+            for v in values:
+                if id(v) in seen or not v.name:
+                    continue
+                seen.add(id(v))
+                if v.name in value_names:
+                    v.name = _fresh(v.name, value_names)
+                    modified = True
+                else:
+                    value_names.add(v.name)
+            for node in graph:
+                if node.name in node_names:
+                    node.name = _fresh(node.name, node_names)
+                    modified = True
+                elif node.name:
+                    node_names.add(node.name)
+        return ir.passes.PassResult(model, modified)
+
+
+class IdentityEliminationPass(common.IdentityEliminationPass):
+    """onnx-ir's Identity elimination, except where a subgraph outputs an outer value.
+
+    Upstream replaces ``y = Identity(x)`` by ``x`` even when ``y`` is a subgraph's output and
+    ``x`` lives in an enclosing graph; ``x`` then becomes that subgraph's output, and a second
+    branch doing the same raises "Value ... is already an output of a different graph"
+    (TorchScript exports of nested ``If`` whose branches pass an input through). Such an
+    Identity is kept; every other one is eliminated as upstream does.
+    """
+
+    def _try_eliminate_identity_node(self, node: ir.Node) -> bool:
+        x = node.inputs[0] if len(node.inputs) == 1 else None
+        y = node.outputs[0] if len(node.outputs) == 1 else None
+        if x is not None and y is not None and node.graph is not None and y in node.graph.outputs:
+            if x.graph is not node.graph:
+                return False
+        return super()._try_eliminate_identity_node(node)
+
+
 class CanonicalizePass(ir.passes.InPlacePass):
     """Runs the canonicalization sequence in place and marks the model as canonical (analyses
     refuse a model without the mark)."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        params = frozenset(name for name, v in model.graph.initializers.items()
+        params = frozenset(name for g in model.graphs() for name, v in g.initializers.items()  # bodies too
                            if v.dtype is not None and v.dtype.is_floating_point())
         params |= frozenset(v.name for v in model.graph.inputs if v.name in model.graph.initializers)
         steps = (
             common.NameFixPass(),
+            UniqueNamesPass(),
             common.RemoveInitializersFromInputsPass(),
             common.InlinePass(),
             common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
             FoldConstantsPass(params),
-            common.IdentityEliminationPass(),
+            IdentityEliminationPass(),
             common.RemoveUnusedNodesPass(),
             common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
             UntieUniformInitializersPass(),
+            UniqueNamesPass(),  # values folding created in sibling bodies
             common.TopologicalSortPass(),
             InferShapesPass(),
             CompleteShapesPass(),

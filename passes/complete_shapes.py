@@ -100,9 +100,67 @@ def _forget_generated_symbols(model: ir.Model, keep: set[str]) -> None:
                 v.shape = None
 
 
+def _carried(node: ir.Node) -> list[tuple[ir.Value, ir.Shape | None, ir.Value | None]]:
+    """(body input, the shape it has on the first iteration, the body output it must equal after
+    an iteration, or None for a scan input's slice) for a Loop's or Scan's body inputs."""
+    if node.domain not in ("", "ai.onnx") or node.op_type not in ("Loop", "Scan") or "body" not in node.attributes:
+        return []
+    body = node.attributes["body"].value
+    if node.op_type == "Loop":
+        n = len(node.inputs) - 2
+        return [(body.inputs[2 + k], _shape(node.inputs[2 + k]), body.outputs[1 + k]) for k in range(n)
+                if 2 + k < len(body.inputs) and 1 + k < len(body.outputs)]
+    attr = node.attributes.get("num_scan_inputs")
+    m = attr.value if attr is not None else 0
+    n = len(node.inputs) - m
+    out = [(body.inputs[k], _shape(node.inputs[k]), body.outputs[k]) for k in range(n)
+           if k < len(body.inputs) and k < len(body.outputs)]
+    axes = node.attributes.get("scan_input_axes")
+    axes = list(axes.value) if axes is not None else [0] * m
+    for j in range(m):
+        x = node.inputs[n + j]
+        if n + j >= len(body.inputs) or j >= len(axes) or x is None or x.shape is None:
+            continue
+        dims = list(x.shape)
+        del dims[axes[j] % len(dims)]
+        out.append((body.inputs[n + j], ir.Shape(dims), None))
+    return out
+
+
+def _shape(v: ir.Value | None) -> ir.Shape | None:
+    return None if v is None or v.shape is None else ir.Shape(list(v.shape))
+
+
+def _complete_body_inputs(model: ir.Model) -> bool:
+    """Exporters often leave the inputs of a Loop or Scan body without shapes, and shape
+    inference then knows nothing inside the body. A body input takes the shape of what feeds it
+    on the first iteration; a loop-carried one keeps it only if inference then gives the body
+    output the same shape (a value that grows over the iterations stays unknown: the body's
+    shapes are cleared again)."""
+    done: dict[ir.Node, list[ir.Value]] = {}
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for v, shape, _ in _carried(node):
+            if v.shape is None and shape is not None:
+                v.shape = shape
+                done.setdefault(node, []).append(v)
+    if not done:
+        return False
+    ir.passes.common.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
+    for node, completed in done.items():
+        if all(y is None or (v.shape is not None and y.shape is not None and list(y.shape) == list(v.shape))
+               for v, _, y in _carried(node)):
+            continue
+        for v in completed:
+            v.shape = None
+        for inner in ir.traversal.RecursiveGraphIterator(node.attributes["body"].value):
+            for o in inner.outputs:
+                o.shape = None
+    return True
+
+
 class CompleteShapesPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        modified = False
+        modified = _complete_body_inputs(model)
         for _ in range(4):
             solved_values: set[str] = set()
             for node in model.graph:
@@ -118,7 +176,7 @@ class CompleteShapesPass(ir.passes.InPlacePass):
         opsets = model_opsets(model)
         for _ in range(4):  # ops after a completed one are inferred again (a contrib op mid-graph)
             completed = False
-            for node in model.graph:
+            for node in ir.traversal.RecursiveGraphIterator(model.graph):
                 out = node.outputs[0] if node.outputs else None
                 if out is None or out.shape is not None:
                     continue

@@ -25,9 +25,10 @@ def _entry(d):
 
 
 def _rank_of(entry) -> int:
-    """2: a static size or graph symbol, 1: ONNX's made-up ``unk__N``, 0: nothing."""
+    """3: a static size, 2: a named symbol, 1: ONNX's made-up ``unk__N``, 0: nothing. A size
+    the ops compute statically wins over an exporter's placeholder name for it."""
     if isinstance(entry, int):
-        return 2
+        return 3
     if entry is None:
         return 0
     return 1 if entry.startswith("unk__") else 2
@@ -62,6 +63,10 @@ class InferShapesPass(ir.passes.InPlacePass):
                 keep = [vi for vi in g.value_info if vi.name not in ours]
                 del g.value_info[:]
                 g.value_info.extend(keep)
+                if g is not proto.graph:  # a body's outputs are declared like value_info
+                    for o in g.output:
+                        if o.name in ours and o.type.HasField("tensor_type"):
+                            o.type.tensor_type.ClearField("shape")
                 for n in g.node:
                     for a in n.attribute:
                         if a.HasField("g"):

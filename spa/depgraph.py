@@ -22,7 +22,6 @@ from spa.ops.context import static_size
 
 log = logging.getLogger("spa")
 
-_GRAPH_ATTRS = (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
 #: Set on ``model.meta`` by ``CanonicalizePass``: analyses refuse models without it.
 CANONICAL_MARK = "spa.canonical"
 
@@ -48,6 +47,17 @@ class Barrier:
     op: str
     domain: str
     reason: str
+
+
+def subgraphs(node) -> list:
+    """The graphs held by ``node``'s attributes (If branches, Loop and Scan bodies)."""
+    out = []
+    for attr in node.attributes.values():
+        if attr.type == ir.AttributeType.GRAPH:
+            out.append(attr.value)
+        elif attr.type == ir.AttributeType.GRAPHS:
+            out.extend(attr.value)
+    return out
 
 
 def _view_source_axis(src, dst, axis: int) -> int | None:
@@ -171,16 +181,8 @@ class DependencyGraph:
         for i, v in enumerate(graph.inputs):
             self.values[v.name] = v
             self.order[v.name] = i
-        base = len(graph.inputs)
-        for k, node in enumerate(graph):
-            for v in node.inputs:
-                if v is not None and v.name and v.name not in self.order:
-                    self.order[v.name] = base + 2 * k
-                    self.values[v.name] = v
-            for v in node.outputs:
-                self.order[v.name] = base + 2 * k + 1
-                self.values[v.name] = v
-            self._apply_rule(node, base + 2 * k + 1)
+        self._visited = 0
+        self._walk(graph, len(graph.inputs))
         for v in graph.inputs:
             self._block_value(v, f"graph input '{v.name}'")
         for v in graph.outputs:
@@ -189,6 +191,29 @@ class DependencyGraph:
         self.graph.add_nodes_from(self.facts)
         for e in self.edges:
             self.graph.add_edge(e.src, e.dst, edge=e)
+
+    def _walk(self, graph, base: int) -> None:
+        """Apply the rules to the nodes of ``graph``; a node's subgraphs first, so values inside
+        bodies get dims like outer ones (the subgraph op's rule then ties them to its own)."""
+        for node in graph:
+            for sub in subgraphs(node):
+                for v in list(sub.inputs) + list(sub.initializers.values()):
+                    self.values.setdefault(v.name, v)
+                    self.order.setdefault(v.name, base + 2 * self._visited)
+                self._walk(sub, base)
+            k = self._visited
+            self._visited += 1
+            for v in node.inputs:
+                if v is not None and v.name and v.name not in self.order:
+                    self.order[v.name] = base + 2 * k
+                    self.values[v.name] = v
+            for v in node.outputs:
+                if self.values.get(v.name, v) is not v:  # dims are keyed by name
+                    raise UnsupportedModelError(f"two values are named '{v.name}' (one made by {node.op_type} "
+                                                f"'{node.name}'); load the model with spa.load, which renames them")
+                self.order[v.name] = base + 2 * k + 1
+                self.values[v.name] = v
+            self._apply_rule(node, base + 2 * k + 1)
 
     def _spread_periods(self) -> None:
         """A periodic dim's period passes along identity ties to dims of the same symbolic size
@@ -228,10 +253,7 @@ class DependencyGraph:
         ctx = RuleContext(node, opset, out)
         reason = None
         dom = f"{node.domain}::" if node.domain not in ("", "ai.onnx") else ""
-        if any(a.type in _GRAPH_ATTRS for a in node.attributes.values()):
-            reason = "control flow with subgraphs is not analysed"
-            self._block_captured(node)
-        elif spec is None or spec.rule is None:
+        if spec is None or spec.rule is None:
             reason = f"no rule for op {dom}{node.op_type} (opset {opset}); unknown ops are never assumed elementwise"
         else:
             try:
@@ -247,6 +269,8 @@ class DependencyGraph:
                 log.debug("rule traceback", exc_info=True)
                 self.rule_errors.append(Barrier(ctx.name, node.op_type, node.domain, reason))
         if reason is not None:
+            if subgraphs(node):
+                self._block_captured(node)
             barrier = Barrier(ctx.name, node.op_type, node.domain, reason)
             self.barriers.append(barrier)
             self._barrier_dims.append((barrier, touched))
@@ -277,21 +301,19 @@ class DependencyGraph:
             f.tag = f.tag or t
 
     def _block_captured(self, node) -> None:
-        """Values of the outer graph read inside a subgraph cannot change shape."""
-        for attr in node.attributes.values():
-            if attr.type not in _GRAPH_ATTRS:
-                continue
-            for sub in attr.value if isinstance(attr.value, (list, tuple)) else [attr.value]:
-                self._block_captured_in(node, sub)
-
-    def _block_captured_in(self, node, sub) -> None:
-        local = {v.name for v in sub.inputs} | {v.name for v in sub.initializers.values()}
-        for n in ir.traversal.RecursiveGraphIterator(sub):
-            local |= {o.name for o in n.outputs}
-        for n in ir.traversal.RecursiveGraphIterator(sub):
-            for v in n.inputs:
-                if v is not None and v.name and v.name not in local:
-                    self._block_value(v, f"read inside a subgraph of {node.op_type} '{node.name}'")
+        """A subgraph op SPA cannot see through: its bodies' inputs and outputs, and the outer
+        values read inside them, cannot change shape."""
+        for sub in subgraphs(node):
+            why = f"read inside a subgraph of {node.op_type} '{node.name}'"
+            for v in list(sub.inputs) + list(sub.outputs):
+                self._block_value(v, f"a subgraph boundary of {node.op_type} '{node.name}'")
+            local = {v.name for v in sub.inputs} | set(sub.initializers)
+            for n in ir.traversal.RecursiveGraphIterator(sub):
+                local |= {o.name for o in n.outputs}
+            for n in ir.traversal.RecursiveGraphIterator(sub):
+                for v in n.inputs:
+                    if v is not None and v.name and v.name not in local:
+                        self._block_value(v, why)
 
     # ---- queries ----------------------------------------------------------------------------
     def param_source(self, d: Dim) -> str | None:

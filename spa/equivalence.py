@@ -122,8 +122,8 @@ def mask_groups(model: ir.Model, dg, plan, keys) -> tuple[ir.Model, dict]:
     plans = {gp.key: gp for gp in plan.groups}
     out = model.clone()
     out.meta.update(model.meta)
-    inits = out.graph.initializers
-    nodes = {n.name: n for n in out.graph}
+    nodes = {n.name: n for n in ir.traversal.RecursiveGraphIterator(out.graph)}
+    inits = {name: v for g in out.graphs() for name, v in g.initializers.items()}  # bodies too
     arrays: dict[str, np.ndarray] = {}
     masks: list[tuple[str, str, int, np.ndarray]] = []  # (node, value, axis, removed)
     unmasked: dict[str, str] = {}
@@ -165,11 +165,11 @@ def mask_groups(model: ir.Model, dg, plan, keys) -> tuple[ir.Model, dict]:
             name = f"spa_mask_{k}_{i}"
             mv = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(ir.DataType.from_numpy(mask.dtype)),
                           const_value=ir.tensor(mask, name=name))
-            out.graph.register_initializer(mv)
+            node.graph.register_initializer(mv)  # the consumer may sit in a body
             mul = ir.Node("", "Mul", [v, mv], num_outputs=1, name=f"spa_mask_mul_{k}_{i}")
             mul.outputs[0].name = f"{v.name}_spa_masked_{k}_{i}"
             mul.outputs[0].shape, mul.outputs[0].type = v.shape, v.type
-            out.graph.insert_before(node, mul)
+            node.graph.insert_before(node, mul)
             node.replace_input_with(i, mul.outputs[0])
     return out, unmasked
 

@@ -16,12 +16,14 @@ _FLOAT_PROTO = {int(t) for t in _FLOAT}
 
 
 def param_elements(model: ir.Model) -> dict[str, int]:
-    """Elements of each initializer counted as a parameter: floating-point ones (weights,
+    """Elements of each initializer counted as a parameter (those of If / Loop / Scan bodies
+    included): floating-point ones (weights,
     biases, norm parameters, quantization scales) and the integer weights and biases that
     quantized ops read (``integer_param_sizes``)."""
-    sizes = {name: int(math.prod(v.const_value.shape.numpy())) for name, v in model.graph.initializers.items()
-             if v.const_value is not None and v.const_value.dtype in _FLOAT}
-    sizes.update(integer_param_sizes(model.graph))
+    sizes = {name: int(math.prod(v.const_value.shape.numpy())) for g in model.graphs()
+             for name, v in g.initializers.items() if v.const_value is not None and v.const_value.dtype in _FLOAT}
+    for g in model.graphs():
+        sizes.update(integer_param_sizes(g))
     return sizes
 
 

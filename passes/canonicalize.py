@@ -17,6 +17,7 @@ from spa.depgraph import CANONICAL_MARK
 from spa.errors import run_pass
 from spa.ops import registry
 from spa.passes.complete_shapes import CompleteShapesPass
+from spa.passes.fold_shape_reads import FoldShapeReadsPass
 from spa.passes.symbolic_shapes import SymbolicShapesPass
 
 log = logging.getLogger("spa")
@@ -128,5 +129,10 @@ class CanonicalizePass(ir.passes.InPlacePass):
         modified = False
         for step in steps:  # one at a time, so an upstream failure names its pass
             modified |= run_pass(step, model, "canonicalization").modified
+        if run_pass(FoldShapeReadsPass(), model, "canonicalization").modified:  # needs the shapes
+            modified = True
+            for step in (FoldConstantsPass(params), common.RemoveUnusedNodesPass(),
+                         common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)):
+                run_pass(step, model, "canonicalization")
         model.meta[CANONICAL_MARK] = True
         return ir.passes.PassResult(model, modified)

@@ -18,6 +18,7 @@ from spa.metrics import count_params
 from spa.passes.verify import check_structure
 
 MS = '<ir_version: 9, opset_import: ["" : 18, "com.microsoft" : 1]>\n'
+HEAD = '<ir_version: 9, opset_import: ["" : 18]>\n'
 SHAPES = {"B": 2, "S": 5}
 
 
@@ -195,6 +196,20 @@ def test_fused_matmul_with_batch_transpose_is_a_barrier():
     assert any(b.op == "FusedMatMul" and "transBatch" in b.reason for b in dg.barriers)
 
 
+def test_static_sizes_read_off_shape_fold_into_slice_bounds():
+    """rotate_half as TorchScript exports it: x[..., : x.shape[-1] // 2] with the shape read at run
+    time (through a Gather of the permuted shape, as onnxruntime's optimizer leaves it)."""
+    m = build(HEAD + """g (float[B,S,16] x, float[16,16] w, float[16,16] wo) => (float[B,S,16] y)
+    { h = MatMul(x, w)  sh = Shape(h)  i = Constant <value = int64 {2}> ()  d = Gather <axis=0> (sh, i)
+      two = Constant <value = int64 {2}> ()  half = Div(d, two)  z = Constant <value = int64[1] {0}> ()
+      hu = Unsqueeze(half, z)  big = Constant <value = int64[1] {1000}> ()  ax = Constant <value = int64[1] {-1}> ()
+      lo = Slice(h, z, hu, ax)  hi = Slice(h, hu, big, ax)  c = Concat <axis=-1> (hi, lo)  y = MatMul(c, wo) }""")
+    loaded = spa.load(m)
+    assert not [n for n in loaded.graph if n.op_type in ("Shape", "Gather")]
+    dg = spa.dependency_graph(loaded)
+    assert not dg.barriers and "w:1" in {g.key for g in dg.groups}
+
+
 # ---- models through onnxruntime's transformer optimizer -------------------------------------
 def _optimized(name: str):
     """A small model of ``name`` (random init; eager attention, the form the fusions match),
@@ -290,5 +305,7 @@ def test_optimized_llama_prunes_through_simplified_norms():
     dg = spa.dependency_graph(proto)
     hidden = [g for g in dg.groups if g.kind == "hidden"]
     assert len(hidden) == 1 and not hidden[0].exact
+    heads = [g for g in dg.groups if g.kind == "heads"]  # rotate_half's computed slices fold away
+    assert [(g.heads.q_heads, g.heads.kv_groups, g.heads.slots) for g in heads] == [(4, 2, 2)] * 2
     assert not [b for b in dg.relevant_barriers() if b.domain or b.op == "SimplifiedLayerNormalization"]
     _prune_and_check(proto)

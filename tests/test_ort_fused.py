@@ -164,6 +164,21 @@ def test_rotary_embedding_couples_whole_heads():
     assert rotary[0]["num_heads"] == 2 and "num_heads" not in rotary[1]
 
 
+def test_rotary_embedding_on_bnsh_heads_keeps_head_size():
+    m = build(MS + """g (float[2,6,16] x, float[16,16] wq, float[16,16] wk, float[16,16] wv, float[16,16] wo,
+                        float[8,2] cc, float[8,2] cs) => (float[2,6,16] y)
+    { q = MatMul(x, wq)  k = MatMul(x, wk)  v = MatMul(x, wv)
+      s4 = Constant <value = int64[4] {2, 6, 4, 4}> ()  q4 = Reshape(q, s4)  qt = Transpose <perm=[0,2,1,3]> (q4)
+      pos = Constant <value = int64[2,6] {0,1,2,3,4,5,0,1,2,3,4,5}> ()
+      qr = com.microsoft.RotaryEmbedding (qt, pos, cc, cs)  qb = Transpose <perm=[0,2,1,3]> (qr)
+      s3 = Constant <value = int64[3] {2, 6, 16}> ()  q3 = Reshape(qb, s3)
+      a = com.microsoft.MultiHeadAttention <num_heads=4> (q3, k, v)  y = MatMul(a, wo) }""")
+    _, groups = groups_of(m)
+    g = groups["wq:1"]
+    assert g.kind == "heads" and g.size == 4 and {"qr[1]", "wk[1]"} <= dims_of(g) and "qr[3]" not in dims_of(g)
+    check_masked_equivalence(m)
+
+
 def test_fused_matmul_with_transposed_weight():
     m = build(MS + """g (float[2,5,8] x, float[16,8] w1, float[16] b1, float[16,3] w2) => (float[2,5,3] y)
         <float[2,5,16] h, float[2,5,16] r>

@@ -362,6 +362,8 @@ def rotary_embedding(ctx: RuleContext) -> None:
         ctx.tag(ctx.dim(x, 1), "heads")
         for d in (ctx.dim(x, 3), ctx.dim(y, 3)):
             ctx.block(d, f"RotaryEmbedding '{ctx.name}' rotates pairs within head_size")
+        if int(ctx.attr("num_heads", 0)):
+            _follow_attrs(ctx, [("num_heads", ctx.dim(x, 1))])
     elif r == 3:
         hidden = ctx.int_size(x, 2)
         n_attr = int(ctx.attr("num_heads", 0))

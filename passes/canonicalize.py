@@ -18,6 +18,7 @@ from spa.errors import run_pass
 from spa.ops import registry
 from spa.passes.infer_shapes import InferShapesPass
 from spa.passes.complete_shapes import CompleteShapesPass
+from spa.passes.fold_shape_reads import FoldShapeReadsPass
 from spa.passes.symbolic_shapes import SymbolicShapesPass
 
 log = logging.getLogger("spa")
@@ -191,13 +192,11 @@ class CanonicalizePass(ir.passes.InPlacePass):
         )
         modified = False
         for step in steps:  # one at a time, so an upstream failure names its pass
-            changed = run_pass(step, model, "canonicalization").modified
-            modified |= changed
-            if changed and step is steps[-3]:
-                # Shapes completed where ONNX inference stopped (an ai.onnx.ml Scaler, a custom
-                # op): ONNX inference can now go on past them.
-                run_pass(InferShapesPass(), model,
-                         "canonicalization")
-                run_pass(CompleteShapesPass(), model, "canonicalization")
+            modified |= run_pass(step, model, "canonicalization").modified
+        if run_pass(FoldShapeReadsPass(), model, "canonicalization").modified:  # needs the shapes
+            modified = True
+            for step in (FoldConstantsPass(params), common.RemoveUnusedNodesPass(),
+                         common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)):
+                run_pass(step, model, "canonicalization")
         model.meta[CANONICAL_MARK] = True
         return ir.passes.PassResult(model, modified)

@@ -158,6 +158,16 @@ def _complete_body_inputs(model: ir.Model) -> bool:
     return True
 
 
+def _element_source(node: ir.Node) -> ir.Value:
+    """The input whose element type the completed outputs keep: input 0, or the first floating
+    point input when input 0 holds integers (token ids of a fused embedding)."""
+    first = node.inputs[0]
+    if first.dtype is None or not first.dtype.is_integer():
+        return first
+    return next((v for v in node.inputs if v is not None and v.dtype is not None
+                 and v.dtype.is_floating_point()), first)
+
+
 class CompleteShapesPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = _complete_body_inputs(model)
@@ -184,7 +194,7 @@ class CompleteShapesPass(ir.passes.InPlacePass):
                     if v is not None and shape is not None and v.shape is None:
                         v.shape = shape if isinstance(shape, ir.Shape) else ir.Shape(shape)
                         if v.type is None and node.inputs and node.inputs[0] is not None:
-                            v.type = node.inputs[0].type  # these ops keep their input's element type
+                            v.type = _element_source(node).type  # these ops keep their input's element type
                         completed = True
             if not completed:
                 break

@@ -73,9 +73,10 @@ def needs_symbolic_inference(model: ir.Model) -> bool:
     """Whether a tensor (not integer shape arithmetic) still has an unknown size that matters."""
     for node in model.graph:
         for v in node.outputs:
-            if v.dtype is None or v.dtype.is_integer():
+            untyped = v.dtype is None and v.shape is None  # after an op ONNX inference does not know
+            if v.dtype is not None and v.dtype.is_integer():
                 continue
-            if v.shape is None or (_unknowns(v.shape) and not _spatial_only(v.shape)):
+            if untyped or v.shape is None or (_unknowns(v.shape) and not _spatial_only(v.shape)):
                 return True
     return False
 
@@ -111,19 +112,23 @@ class SymbolicShapesPass(ir.passes.InPlacePass):
             return ir.passes.PassResult(model, False)
         if inferred is None:
             return ir.passes.PassResult(model, False)
-        better = {}
+        better, types = {}, {}
         for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
             if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
                 continue
             dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
                     for d in vi.type.tensor_type.shape.dim]
             better[vi.name] = dims
+            types[vi.name] = vi.type.tensor_type.elem_type
         modified = False
         for node in model.graph:
             for v in node.outputs:
                 dims = better.get(v.name)
                 if dims is None:
                     continue
+                if v.type is None and types[v.name]:
+                    v.type = ir.TensorType(ir.DataType(types[v.name]))
+                    modified = True
                 if v.shape is not None and len(v.shape) != len(dims):
                     continue
                 merged = _merged(v.shape, dims)

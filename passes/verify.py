@@ -27,10 +27,27 @@ class VerifyReport:
     notes: list = field(default_factory=list)
 
 
+#: Ops onnxruntime registers in the default domain that onnx does not define: the checker
+#: sees them in a domain of their own (skipped, like contrib ops); onnxruntime runs them.
+ORT_DEFAULT_DOMAIN_OPS = frozenset({"SimplifiedLayerNormalization"})
+_ORT_DOMAIN = "spa.onnxruntime"
+
+
+def _checkable(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``proto`` (a fresh serialization) with those ops moved to their own domain."""
+    nodes = [n for n in proto.graph.node if n.domain in ("", "ai.onnx") and n.op_type in ORT_DEFAULT_DOMAIN_OPS
+             and not onnx.defs.has(n.op_type)]
+    for n in nodes:
+        n.domain = _ORT_DOMAIN
+    if nodes:
+        proto.opset_import.add(domain=_ORT_DOMAIN, version=1)
+    return proto
+
+
 def check_structure(model: ir.Model) -> None:
     """onnx.checker with full (strict) shape inference; raises ValidationError."""
     try:
-        proto = to_proto(model)
+        proto = _checkable(to_proto(model))
         if proto.ByteSize() < _PROTO_LIMIT:
             onnx.checker.check_model(proto, full_check=True)
         else:

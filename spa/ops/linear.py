@@ -46,18 +46,23 @@ def matmul(ctx: RuleContext) -> None:
     couple_matmul(ctx, ctx.inp(0), ctx.inp(1), ctx.out(0))
 
 
-def couple_matmul(ctx: RuleContext, a, b, y) -> None:
+def couple_matmul(ctx: RuleContext, a, b, y, trans_a: bool = False, trans_b: bool = False) -> None:
     """The MatMul couplings of operands ``a``, ``b`` and output ``y`` (QLinearMatMul and
-    MatMulInteger read them at other input positions)."""
+    MatMulInteger read them at other input positions), the matrix axes of A (of B) swapped
+    when ``trans_a`` (``trans_b``: FusedMatMul)."""
     ra, rb, ry = ctx.rank(a), ctx.rank(b), ctx.rank(y)
+    if (trans_a and ra < 2) or (trans_b and rb < 2):
+        ctx.refuse("a transposed operand of rank 1")
+    a_k, a_m = (-2, -1) if trans_a else (-1, -2)
+    b_k, b_n = (0, 0) if rb == 1 else (-1, -2) if trans_b else (-2, -1)
     # Roles are harmless on activations: only dims traced back to an initializer are parameters.
-    ctx.couple(ctx.dim(a, -1), ctx.dim(b, 0 if rb == 1 else -2))
-    ctx.role(ctx.dim(b, 0 if rb == 1 else -2), "in")
+    ctx.couple(ctx.dim(a, a_k), ctx.dim(b, b_k))
+    ctx.role(ctx.dim(b, b_k), "in")
     if rb > 1:
-        ctx.couple(ctx.dim(b, -1), ctx.dim(y, -1))
-        ctx.role(ctx.dim(b, -1), "out")
+        ctx.couple(ctx.dim(b, b_n), ctx.dim(y, -1))
+        ctx.role(ctx.dim(b, b_n), "out")
     if ra > 1:
-        ctx.couple(ctx.dim(a, -2), ctx.dim(y, -2 if rb > 1 else -1))
+        ctx.couple(ctx.dim(a, a_m), ctx.dim(y, -2 if rb > 1 else -1))
     # Batch axes: everything left of the matrix axes, broadcast numpy-style.
     y_shape = ctx.shape(y)
     # A product of two activations with batch axes (Q·Kᵀ, attention·V): those axes are heads.

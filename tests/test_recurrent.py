@@ -330,3 +330,22 @@ def test_real_export_prunes(which, dynamo):
     assert sizes == ([48 - int(48 * 0.3)] * 2 if which == "ocr_bilstm" else [40 - int(40 * 0.3)] * 2)
     before, after = count_params(dense), count_params(result.model)
     assert after < 0.75 * before
+
+
+@pytest.mark.parametrize("which,dynamo", [("ocr_bilstm", False), ("vad_gru", True)])
+def test_dynamic_batch_export_zero_state_follows(which, dynamo):
+    """With a dynamic batch the zero initial state is built at run time (ConstantOfShape /
+    Expand of a shape with a literal hidden size): its hidden axis is free and the literal follows.
+    One state tensor shared by both layers ties their hidden groups into one."""
+    torch = pytest.importorskip("torch")
+    module, args = (ocr_model if which == "ocr_bilstm" else vad_model)(torch)
+    proto = export_torch(module, args, dynamo=dynamo, dynamic_batch=True)
+    assert {"ConstantOfShape", "Expand"} & {n.op_type for n in proto.graph.node}
+    dg = spa.dependency_graph(spa.load(proto))
+    hidden = [g for g in dg.groups if any(m.dim.value.endswith("#hidden") for m in g.members)]
+    assert len(hidden) == 1 and hidden[0].size == (48 if which == "ocr_bilstm" else 40)
+    assert sum(m.dim.value.endswith("#hidden") for m in hidden[0].members) == 2  # both layers
+    result = spa.prune(proto, ratio=0.3, input_shapes={"x0": [3] + list(args[0].shape[1:])})
+    assert result.equivalence.exact and hidden[0].key in result.equivalence.checked_groups
+    assert result.verify_report.ran
+    check_valid(to_proto(result.model))

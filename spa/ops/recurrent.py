@@ -61,21 +61,21 @@ def _sources(ctx: RuleContext, v, axis: int, depth: int = 8) -> list:
     (exporters reorder the gates of framework parameters so), ``[(v, axis)]`` for a constant."""
     if v is None or v.const_value is not None:
         return [] if v is None else [(v, axis)]
-    prod = v.producer()
-    if prod is None or depth == 0 or prod.domain not in ("", "ai.onnx"):
+    node = v.producer()
+    if node is None or depth == 0 or node.domain not in ("", "ai.onnx"):
         return []
-    if prod.op_type == "Concat":
-        return [s for x in prod.inputs for s in _sources(ctx, x, axis, depth - 1)]
-    if prod.op_type == "Slice":
-        return _sources(ctx, prod.inputs[0], axis, depth - 1)
-    if prod.op_type == "Unsqueeze":
-        axes = ctx.const(prod.inputs[1]) if len(prod.inputs) > 1 else attr(prod, "axes")
+    if node.op_type == "Concat":
+        return [s for x in node.inputs for s in _sources(ctx, x, axis, depth - 1)]
+    if node.op_type == "Slice":
+        return _sources(ctx, node.inputs[0], axis, depth - 1)
+    if node.op_type == "Unsqueeze":
+        axes = ctx.const(node.inputs[1]) if len(node.inputs) > 1 else attr(node, "axes")
         if axes is None:
             return []
         axes = {int(a) % ctx.rank(v) for a in np.atleast_1d(axes)}
         if axis in axes:
             return []
-        return _sources(ctx, prod.inputs[0], axis - sum(a < axis for a in axes), depth - 1)
+        return _sources(ctx, node.inputs[0], axis - sum(a < axis for a in axes), depth - 1)
     return []
 
 

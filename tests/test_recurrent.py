@@ -349,3 +349,19 @@ def test_dynamic_batch_export_zero_state_follows(which, dynamo):
     assert result.equivalence.exact and hidden[0].key in result.equivalence.checked_groups
     assert result.verify_report.ran
     check_valid(to_proto(result.model))
+
+
+@pytest.mark.parametrize("which", ["ocr_bilstm", "vad_gru"])
+def test_torch_module_keeps_its_recurrent_class(which):
+    torch = pytest.importorskip("torch")
+    module, args = (ocr_model if which == "ocr_bilstm" else vad_model)(torch)
+    result = spa.prune(module, args, ratio=0.3)  # checks the module against the pruned ONNX model
+    rnn = result.module.rnn if which == "ocr_bilstm" else result.module.gru
+    assert type(rnn) is type(module.rnn if which == "ocr_bilstm" else module.gru)
+    hidden = 48 if which == "ocr_bilstm" else 40
+    assert rnn.hidden_size == hidden - int(hidden * 0.3)
+    assert rnn.weight_hh_l1.shape == (rnn.weight_hh_l1.shape[0], rnn.hidden_size)
+    with torch.no_grad():
+        out = result.module(*args)
+    assert out.shape == module(*args).shape
+    assert sum(p.numel() for p in result.module.parameters()) < 0.75 * sum(p.numel() for p in module.parameters())

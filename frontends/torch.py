@@ -208,6 +208,10 @@ def _update_attributes(pruned, original) -> None:
                 mod.normalized_shape = tuple(mod.weight.shape)
         elif isinstance(mod, nn.PReLU):
             mod.num_parameters = mod.weight.numel()
+        elif isinstance(mod, nn.RNNBase) and not getattr(mod, "proj_size", 0):
+            # One hidden_size serves every layer: layers pruned to different sizes fail the check.
+            mod.input_size = mod.weight_ih_l0.shape[1]
+            mod.hidden_size = mod.weight_hh_l0.shape[1]
         elif isinstance(mod, nn.Embedding):
             mod.num_embeddings, mod.embedding_dim = mod.weight.shape
         elif type(mod).__name__ == "Conv1D" and hasattr(mod, "nf"):  # transformers' GPT-2 Conv1D

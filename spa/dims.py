@@ -29,7 +29,9 @@ class IndexMap:
     """Maps an index of a source dim to the index of a target dim it is tied to.
 
     identity: ``j = i``; offset: ``j = i + k`` (Concat/Split/Slice);
-    block: ``j = i // k`` (a fine axis folded from a coarse one: Flatten, heads, groups).
+    block: ``j = i // k`` (a fine axis folded from a coarse one: Flatten, heads, groups);
+    mod: ``j = i % k`` (an axis folded under an index axis that is not a channel, such as
+    ``[directions, hidden] -> [directions*hidden]``).
     """
 
     kind: str = "identity"
@@ -42,6 +44,8 @@ class IndexMap:
             return idx + self.k
         if self.kind == "block":
             return idx // self.k
+        if self.kind == "mod":
+            return idx % self.k
         raise ValueError(f"unknown index map kind {self.kind!r}")
 
     def __str__(self) -> str:
@@ -49,6 +53,8 @@ class IndexMap:
             return "i"
         if self.kind == "offset":
             return f"i{'+' if self.k >= 0 else '-'}{abs(self.k)}"
+        if self.kind == "mod":
+            return f"i%{self.k}"
         return f"i//{self.k}"
 
 
@@ -62,3 +68,7 @@ def offset(k: int) -> IndexMap:
 
 def block(k: int) -> IndexMap:
     return IDENTITY if k == 1 else IndexMap("block", int(k))
+
+
+def mod(k: int) -> IndexMap:
+    return IndexMap("mod", int(k))

@@ -167,9 +167,16 @@ def gather(ctx: RuleContext) -> None:
         ctx.couple(ctx.dim(idx, a), ctx.dim(y, axis + a))
 
 
+def _literal_entries(operand) -> set[int]:
+    """Positions of a shape operand (constant, or Concat of pieces) that hold literal values."""
+    return {i for _, _, values, start, n in shape_pieces(operand) or [] if values is not None
+            for i in range(start, start + n)}
+
+
 @op("Expand")
 def expand(ctx: RuleContext) -> None:
-    """Broadcast x to y; literal entries of the shape operand follow a pruned axis."""
+    """Broadcast x to y; an axis made by broadcasting to a literal size is free (its values are
+    equal along it) and literal entries of the shape operand follow a pruned axis."""
     x, shape_in, y = ctx.inp(0), ctx.inp(1), ctx.out(0)
     couple_broadcast(ctx, [x], y)
     _free_inputs(ctx, 1)
@@ -179,6 +186,12 @@ def expand(ctx: RuleContext) -> None:
         lead = len(y_dims) - n_target
         entries = [(k, y_dims[k + lead]) for k in range(n_target)]
         ctx.follow_shape(1, entries, "shape", keep=lambda old: old > 1)
+        x_shape, literal = ctx.shape(x), _literal_entries(shape_in)
+        x_lead = len(y_dims) - len(x_shape)
+        for k, d in entries:
+            a = k + lead
+            if k in literal and (a < x_lead or x_shape[a - x_lead] == 1):
+                ctx.free(d)
 
 
 @op("Tile")
@@ -282,8 +295,18 @@ def resize(ctx: RuleContext) -> None:
 def constant_of_shape(ctx: RuleContext) -> None:
     """y[a] has size shape[a]: the shape operand follows a pruned axis of y."""
     shape_in, y = ctx.inp(0), ctx.out(0)
-    target = ctx.require_const(shape_in, "ConstantOfShape shape")
-    for d in ctx.dims(y):
+    target = ctx.const(shape_in)
+    if target is not None:
+        for d in ctx.dims(y):
+            ctx.free(d)
+        _free_inputs(ctx, 0)
+        ctx.follow_sizes(0, target, list(enumerate(ctx.dims(y))), "shape")
+        return
+    literal = _literal_entries(shape_in)  # computed (dynamic axes): the literal entries follow
+    if not literal:
+        ctx.refuse("ConstantOfShape shape is not a constant")
+    entries = [(k, d) for k, d in enumerate(ctx.dims(y)) if k in literal]
+    for _, d in entries:
         ctx.free(d)
     _free_inputs(ctx, 0)
-    ctx.follow_sizes(0, target, list(enumerate(ctx.dims(y))), "shape")
+    ctx.follow_shape(0, entries, "shape")

@@ -6,7 +6,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from spa.dims import IDENTITY, block
+from spa.dims import IDENTITY, block, mod
 from spa.ops.context import RuleContext
 from spa.ops.registry import op
 
@@ -111,6 +111,31 @@ def _repeat_source(ctx: RuleContext, x, i: int, r: int):
     return prod
 
 
+#: ``value.meta`` key: axes of the value that index something other than channels (the
+#: directions of a recurrent layer's output); a fold of such an axis over the next one keeps
+#: the inner axis as the channel (``[D, H] -> [D*H]``: index ``d*H + h`` is channel ``h``).
+INDEX_AXES = "spa.index_axes"
+
+
+def mark_index_axes(v, axes) -> None:
+    """Record that ``axes`` of ``v`` are index axes (never channels) for the views after it."""
+    v.meta[INDEX_AXES] = frozenset(int(a) for a in axes)
+
+
+def _index_axes(v) -> frozenset:
+    return v.meta.get(INDEX_AXES, frozenset())
+
+
+def _fold_over_index(ctx: RuleContext, x, i: int, y, j: int, xb, yst) -> bool:
+    """``y[j]`` folds the index axis ``x[i]`` over exactly ``x[i+1]``: tie ``y[j]`` to
+    ``x[i+1]`` (index ``k`` of ``y[j]`` is ``k % size``); the index axis stays untied."""
+    xs = ctx.shape(x)
+    if i not in _index_axes(x) or i + 1 >= len(xs) or not isinstance(xs[i + 1], int) or xb[i + 1][0] != yst:
+        return False
+    ctx.couple(ctx.dim(y, j), ctx.dim(x, i + 1), mod(xs[i + 1]))
+    return True
+
+
 def couple_view(ctx: RuleContext, x, y) -> None:
     """Ties axes of a row-major view that share the flat range they span.
 
@@ -137,6 +162,8 @@ def couple_view(ctx: RuleContext, x, y) -> None:
         if xst == yst:
             ctx.couple(ctx.dim(x, i), ctx.dim(y, j), IDENTITY)
         elif (r := xst.ratio(yst)) is not None:  # output axis is finer
+            if _fold_over_index(ctx, x, i, y, j, xb, yst):
+                continue
             if not _fold_under_symbol(ctx, y, j, x, i, r):
                 expand = _repeat_source(ctx, x, i, r)
                 ctx.couple(ctx.dim(y, j), ctx.dim(x, i), block(r), repeat=expand is not None)
@@ -178,3 +205,5 @@ def transpose(ctx: RuleContext) -> None:
     perm = ctx.attr("perm") or list(range(r))[::-1]
     for i, p in enumerate(perm):
         ctx.couple(ctx.dim(x, int(p)), ctx.dim(y, i))
+    if _index_axes(x):
+        mark_index_axes(y, [i for i, p in enumerate(perm) if int(p) in _index_axes(x)])

@@ -160,9 +160,9 @@ def _complete_body_inputs(model: ir.Model) -> bool:
 
 def _element_source(node: ir.Node) -> ir.Value:
     """The input whose element type the completed outputs keep: input 0, or the first floating
-    point input when input 0 holds integers (token ids of a fused embedding)."""
+    point input when input 0 holds indices (int32/int64 token ids of a fused embedding)."""
     first = node.inputs[0]
-    if first.dtype is None or not first.dtype.is_integer():
+    if first.dtype not in (ir.DataType.INT32, ir.DataType.INT64):  # 8-bit: a quantized op keeps it
         return first
     return next((v for v in node.inputs if v is not None and v.dtype is not None
                  and v.dtype.is_floating_point()), first)

@@ -73,7 +73,8 @@ class VerifyPass(ir.passes.PassBase):
 def _run(model: ir.Model, input_shapes, seed: int = 0):
     sess = runtime.session(to_proto(model))
     feeds = runtime.random_feeds(sess, input_shapes, seed)
-    return sess, feeds, sess.run(None, feeds)
+    names, out = runtime.run_flat(sess, feeds)
+    return names, feeds, out
 
 
 def verify(model: ir.Model, reference: ir.Model | None = None, input_shapes: dict | None = None,
@@ -97,11 +98,10 @@ def verify(model: ir.Model, reference: ir.Model | None = None, input_shapes: dic
             log.warning(report.notes[-1])
             return report
     try:
-        sess, _, out = _run(model, input_shapes)
+        names, _, out = _run(model, input_shapes)
     except errors as exc:
         raise ValidationError(f"onnxruntime cannot run the rewritten model: {exc}") from exc
     report.ran = True
-    names = [o.name for o in sess.get_outputs()]
     report.output_shapes = {n: tuple(o.shape) for n, o in zip(names, out)}
     if ref_shapes is not None:
         if len(out) != len(ref_shapes):

@@ -192,9 +192,7 @@ class _Runner:
         from spa import runtime
         from spa.io import to_proto
 
-        sess = runtime.session(to_proto(model))
-        names = [o.name for o in sess.get_outputs()]
-        return names, sess.run(None, self.feeds)
+        return runtime.run_flat(runtime.session(to_proto(model)), self.feeds)
 
 
 def check(source: ir.Model, pruned: ir.Model, dg, plan, feeds: dict, dense: ir.Model | None = None,

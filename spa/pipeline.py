@@ -230,14 +230,15 @@ def compensate_stage(job: Job) -> None:
     if any(counts.get(g.key) != len(g.keep) for g in plan.groups):
         raise PlanError(f"the {job.criterion} compensation changed the number of kept channels (a bug; "
                         "please report it)")
-    quantized = sorted(n for n in updates if not job.model.graph.initializers[n].dtype.is_floating_point())
+    inits = {name: v for g in job.model.graphs() for name, v in g.initializers.items()}  # bodies too
+    quantized = sorted(n for n in updates if not inits[n].dtype.is_floating_point())
     if quantized:  # a quantized weight would be truncated to the integer grid: it stays as it is
         job.notes.append(f"{job.criterion} compensation left {len(quantized)} integer (quantized) weights "
                          f"as they are: {', '.join(quantized[:3])}{' ...' if len(quantized) > 3 else ''}")
         updates = {n: a for n, a in updates.items() if n not in quantized}
     job.plan, job.updates = plan, updates
     for name, arr in updates.items():
-        v = job.model.graph.initializers[name]
+        v = inits[name]
         v.const_value = ir.tensor(np.ascontiguousarray(arr), name=name)
     job.reference = clone(job.model)
 

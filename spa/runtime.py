@@ -273,6 +273,21 @@ def concrete_shape(name: str, shape, overrides: dict | None = None) -> tuple[int
 MAX_FEED_BYTES = 8 << 30
 
 
+def run_flat(sess, feeds: dict) -> tuple[list[str], list[np.ndarray]]:
+    """Run ``sess``; outputs as arrays with their names: a sequence output gives one array per
+    element (``name[i]``), an empty optional none. Checks compare runs array by array."""
+    names, arrays = [], []
+    for name, out in zip((o.name for o in sess.get_outputs()), sess.run(None, feeds)):
+        if isinstance(out, (list, tuple)):
+            for i, item in enumerate(out):
+                names.append(f"{name}[{i}]")
+                arrays.append(np.asarray(item))
+        elif out is not None:
+            names.append(name)
+            arrays.append(np.asarray(out))
+    return names, arrays
+
+
 def random_feeds(sess, overrides: dict | None = None, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     feeds = {}

@@ -145,7 +145,9 @@ def test_torchscript_nested_if_loads_and_prunes(tmp_path):
         assert y.shape == (1, 2) and h.shape == (1, 4, 10)
 
 
-def test_dynamo_cond_if_prunes():
+def cond_vad_export():
+    """A voice-activity model switching on the sample rate with ``torch.cond``, exported with
+    the dynamo exporter (one If, every weight inside its branches)."""
     torch, Stack = _stack_cls()
 
     class Vad(torch.nn.Module):
@@ -157,11 +159,15 @@ def test_dynamo_cond_if_prunes():
             return torch.cond(sr.sum() == 16000, lambda x: self.a(x), lambda x: self.b(x), (x,))
 
     torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.onnx.export(Vad().eval(), (torch.randn(1, 4, 10), torch.tensor(16000)), dynamo=True,
+                                 input_names=["x", "sr"], verbose=False).model_proto
+
+
+def test_dynamo_cond_if_prunes():
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            proto = torch.onnx.export(Vad().eval(), (torch.randn(1, 4, 10), torch.tensor(16000)), dynamo=True,
-                                      input_names=["x", "sr"], verbose=False).model_proto
+        proto = cond_vad_export()
     except Exception as exc:  # noqa: BLE001 - an exporter without torch.cond support
         pytest.skip(f"the dynamo exporter cannot export torch.cond here: {exc}")
     assert any(n.op_type == "If" for n in proto.graph.node)

@@ -273,3 +273,18 @@ def test_exporter_patterns_prune_to_valid_smaller_models(exporter):
     from spa.io import to_proto
 
     onnx.checker.check_model(to_proto(result.model), full_check=True)
+
+
+def test_a_sequence_output_is_checked_element_by_element(tmp_path):
+    """seq(tensor) outputs (SplitToSequence): the equivalence check compares each element."""
+    proto = build('''<ir_version: 8, opset_import: ["" : 17]>
+    g (float[1,3,8,8] x, float[8,3,3,3] w1, float[4,8,1,1] w2) => (float[1,4,8,8] y)
+    { h = Conv <pads=[1,1,1,1]> (x, w1)  r = Relu(h)  y = Conv(r, w2) }''')
+    proto.graph.node.append(helper.make_node("SplitToSequence", ["y"], ["parts"], axis=1))
+    proto.graph.output.append(helper.make_value_info("parts", helper.make_sequence_type_proto(
+        helper.make_tensor_type_proto(TensorProto.FLOAT, None))))
+    result = spa.prune(proto, 0.5, output=tmp_path / "p.onnx")
+    assert result.equivalence.exact and result.equivalence.checked_groups == ("w1:0",)
+    assert set(result.equivalence.output_shapes) == {"y", "parts[0]", "parts[1]", "parts[2]", "parts[3]"}
+    _, (y, parts) = _run(str(tmp_path / "p.onnx"), {"x": np.ones((1, 3, 8, 8), np.float32)})
+    assert len(parts) == 4 and np.allclose(np.concatenate(parts, axis=1), y)

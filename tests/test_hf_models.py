@@ -131,6 +131,7 @@ def test_model_from_config_prunes_with_keyword_inputs(name):
     assert _params(small) < _params(model)
     proto = result.proto
     onnx.checker.check_model(proto, full_check=True)
+    assert {i.name for i in proto.graph.input} <= set(inputs)  # keyword inputs are the graph's inputs
     with torch.no_grad():
         got = small(**inputs)  # called the way the dense model is
         again = model(**inputs)

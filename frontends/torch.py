@@ -7,8 +7,11 @@ updated so the module runs in eager mode and exports again.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import inspect
 import logging
+import re
 import warnings
 from collections import defaultdict
 
@@ -36,61 +39,163 @@ def is_module(obj) -> bool:
     return torch is not None and isinstance(obj, torch.nn.Module)
 
 
-def as_args(example_inputs) -> tuple:
+def as_call(example_inputs) -> tuple[tuple, dict]:
+    """``example_inputs`` as the positional and keyword arguments of the call: a tensor, a tuple or
+    list of them, or a mapping of keyword inputs (what a tokenizer returns, ``BatchEncoding`` included)."""
+    from collections.abc import Mapping
+
     torch = _torch()
     if example_inputs is None:
-        raise FrontendError("pruning an nn.Module needs example_inputs (a tensor or a tuple of tensors) to "
-                            "trace it; pass spa.prune(module, example_inputs, ratio=...)")
+        raise FrontendError("pruning an nn.Module needs example_inputs (a tensor, a tuple of tensors or a dict of "
+                            "keyword inputs) to trace it; pass spa.prune(module, example_inputs, ratio=...)")
     if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, list):
-        return tuple(example_inputs)
-    if isinstance(example_inputs, tuple):
-        return example_inputs
-    raise FrontendError(f"example_inputs must be a tensor or a tuple of tensors, not {type(example_inputs).__name__}")
+        return (example_inputs,), {}
+    if isinstance(example_inputs, (list, tuple)):
+        return tuple(example_inputs), {}
+    if isinstance(example_inputs, Mapping):
+        return (), {str(k): v for k, v in example_inputs.items() if v is not None}
+    raise FrontendError(f"example_inputs must be a tensor, a tuple of tensors or a dict of keyword inputs, "
+                        f"not {type(example_inputs).__name__}")
+
+
+def as_args(example_inputs) -> tuple:
+    """The tensors of ``example_inputs`` in the order the exported model takes them."""
+    args, kwargs = as_call(example_inputs)
+    return args + tuple(kwargs.values())
+
+
+@contextlib.contextmanager
+def _caching_off(module):
+    """Within: every config of the module says ``use_cache=False`` (a cache is no tensor and
+    cannot be a graph output); the configs are restored on leaving."""
+    saved = {}
+    for m in module.modules():
+        for config in (getattr(m, "config", None), getattr(getattr(m, "config", None), "text_config", None)):
+            if config is not None and id(config) not in saved and getattr(config, "use_cache", None):
+                saved[id(config)] = (config, config.use_cache)
+    try:
+        for config, _ in saved.values():
+            config.use_cache = False
+        yield
+    finally:
+        for config, value in saved.values():
+            config.use_cache = value
+
+
+def _call_kwargs(module, kwargs: dict) -> dict:
+    """The keyword inputs, with ``use_cache=False`` added where forward() takes it and the caller left it out."""
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return kwargs
+    if "use_cache" in params and "use_cache" not in kwargs:
+        return {**kwargs, "use_cache": False}
+    return kwargs
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _innermost(exc: BaseException) -> BaseException:
+    """The last exception of the chain of causes (the real reason, under the exporter's wrappers)."""
+    seen = {id(exc)}
+    while True:
+        nxt = exc.__cause__ or exc.__context__
+        if nxt is None or id(nxt) in seen:
+            return exc
+        seen.add(id(nxt))
+        exc = nxt
+
+
+def _export_advice(reason: str) -> str:
+    low = reason.lower()
+    if "dynamiccache" in low or "cache_utils" in low or "past_key_values" in low:
+        return ("the model returns a key/value cache, which is no tensor: leave use_cache out of example_inputs "
+                "(SPA exports with caching off) or pass use_cache=False")
+    if "data-dependent" in low or "data dependent" in low or "guard" in low:
+        return ("forward() branches or sizes on tensor values: make the Python control flow depend on shapes "
+                "only, or write the branch with torch.cond / torch.where")
+    if "unsupported" in low or "no decomposition" in low or "not implemented" in low:
+        return ("an operator has no ONNX translation: replace it in forward(), or export to ONNX yourself "
+                "(torch.onnx.export(..., dynamo=True, optimize=False)) and prune the file")
+    return ("make forward() take and return tensors; check that example_inputs run through the module "
+            "(module(*inputs) or module(**inputs)); or export to ONNX yourself "
+            "(torch.onnx.export(..., dynamo=True, optimize=False)) and prune the file")
+
+
+def _exporter_error(module, exc: BaseException) -> FrontendError:
+    """The exporter's failure with its innermost cause (no terminal colours) and advice fitting it."""
+    inner = _innermost(exc)
+    lines = [ln.strip() for ln in _ANSI.sub("", str(inner)).strip().splitlines() if ln.strip()]
+    reason = f"{type(inner).__name__}: {lines[0]}" if lines else type(inner).__name__
+    return FrontendError(f"the torch exporter cannot export {type(module).__name__}: {reason}. "
+                         f"Try: {_export_advice(reason)}")
 
 
 def export(module, example_inputs, dynamic_shapes=None):
     """The module as an ONNX ModelProto (dynamo exporter, parameter names kept).
 
-    Outputs that are not tensors (a `transformers` ModelOutput) are flattened by the exporter.
-    Raises FrontendError with the exporter's reason and what to try when it cannot export.
+    Keyword inputs become graph inputs of the same names; caching is off during the export and
+    outputs that are not tensors (a `transformers` ModelOutput) are flattened by the exporter.
+    Raises FrontendError with the exporter's innermost reason and what to try when it cannot export.
     """
     torch = _torch()
-    args = as_args(example_inputs)
+    args, kwargs = as_call(example_inputs)
+    kwargs = _call_kwargs(module, kwargs)
     was_training = module.training
     module.eval()
     torch_log = logging.getLogger("torch.onnx")
     level = torch_log.level
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _caching_off(module):
             warnings.simplefilter("ignore")
             torch_log.setLevel(logging.ERROR)
             prog = None
-            if dynamic_shapes is None and all(isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] > 1
-                                              for a in args):
+            tensors = list(args) + [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
+            if dynamic_shapes is None and all(isinstance(a, torch.Tensor) for a in args) and \
+                    all(a.dim() > 0 and a.shape[0] > 1 for a in tensors):
                 try:  # a dynamic batch, so calibration batches of any size run through the export
                     batch = torch.export.Dim("batch")
-                    prog = torch.onnx.export(module, args, dynamo=True, optimize=False, verbose=False,
-                                             report=False, dynamic_shapes=tuple({0: batch} for _ in args))
+                    dims = {k: {0: batch} if isinstance(v, torch.Tensor) else None for k, v in kwargs.items()}
+                    shapes = tuple({0: batch} for _ in args) if not kwargs else {**dict(zip(
+                        _positional_names(module, len(args)), ({0: batch} for _ in args))), **dims}
+                    prog = _export_once(module, args, kwargs, shapes)
                 except Exception:  # noqa: BLE001 - the module fixes its batch size: export it static
                     prog = None
             if prog is None:
-                prog = torch.onnx.export(module, args, dynamo=True, optimize=False, dynamic_shapes=dynamic_shapes,
-                                         verbose=False, report=False)
-    except Exception as exc:  # noqa: BLE001 - every exporter failure gets the same advice
-        reason = str(exc).strip().splitlines()
-        reason = reason[0] if reason else type(exc).__name__
-        raise FrontendError(
-            f"the torch exporter cannot export {type(module).__name__}: {reason}. Try: make forward() "
-            "take and return tensors; avoid data-dependent Python control flow on tensor values; "
-            "check that example_inputs run through module(*example_inputs); or export to ONNX "
-            "yourself (torch.onnx.export(..., dynamo=True, optimize=False)) and prune the file"
-        ) from exc
+                prog = _export_once(module, args, kwargs, dynamic_shapes)
+    except Exception as exc:  # noqa: BLE001 - every exporter failure is reported with its cause
+        raise _exporter_error(module, exc) from exc
     finally:
         torch_log.setLevel(level)
         module.train(was_training)
     return prog.model_proto
+
+
+def _export_once(module, args, kwargs, shapes):
+    """One export. When the exporter's own decomposition fails (it lowers some reshapes of
+    transposed tensors to views), the program decomposed by torch.export's default table is
+    exported instead; the first failure is the one reported."""
+    torch = _torch()
+    try:
+        return torch.onnx.export(module, args, kwargs=kwargs or None, dynamo=True, optimize=False,
+                                 dynamic_shapes=shapes, verbose=False, report=False)
+    except Exception as exc:  # noqa: BLE001 - retried once through the default decompositions
+        first = exc
+    try:
+        program = torch.export.export(module, args, kwargs=kwargs or None, dynamic_shapes=shapes, strict=False)
+        return torch.onnx.export(program.run_decompositions(), args, kwargs=kwargs or None, dynamo=True,
+                                 optimize=False, verbose=False, report=False)
+    except Exception:  # noqa: BLE001 - the module cannot be exported at all: the first failure is reported
+        pass
+    raise first
+
+
+def _positional_names(module, n: int) -> list[str]:
+    try:
+        return list(inspect.signature(module.forward).parameters)[:n]
+    except (TypeError, ValueError):
+        return [f"arg{i}" for i in range(n)]
 
 
 def _kept_cuts(dg, plan) -> dict[str, list[tuple[int, np.ndarray]]]:
@@ -298,8 +403,9 @@ def _update_sizes_on_config(config, dg, plan, groups) -> None:
 def module_outputs(module, example_inputs) -> list[np.ndarray]:
     """The module's outputs on ``example_inputs`` as numpy arrays (flattened like the export)."""
     torch = _torch()
-    with torch.no_grad():
-        out = module(*as_args(example_inputs))
+    args, kwargs = as_call(example_inputs)
+    with torch.no_grad(), _caching_off(module):
+        out = module(*args, **_call_kwargs(module, kwargs))
     flat = []
 
     def walk(o):
@@ -329,7 +435,7 @@ def check_module(pruned_module, pruned_onnx, example_inputs, atol: float = 1e-4)
             "(torch.split sizes, a view shape) cannot follow pruning: compute it from tensor shapes, or keep "
             "the group whole with protect=[...]") from exc
     sess = runtime.session(to_proto(pruned_onnx), optimize=False)
-    feeds = {i.name: a.detach().cpu().numpy() for i, a in zip(sess.get_inputs(), as_args(example_inputs))}
+    feeds = _feeds(sess, example_inputs)
     want = sess.run(None, feeds)
     if len(want) != len(got):
         raise ValidationError(f"the pruned module returns {len(got)} tensors, the pruned ONNX model {len(want)}; "
@@ -338,6 +444,16 @@ def check_module(pruned_module, pruned_onnx, example_inputs, atol: float = 1e-4)
         if w.shape != g.shape or not np.allclose(w, g, atol=atol, rtol=1e-3):
             diff = float(np.max(np.abs(w - g))) if w.shape == g.shape else f"shape {g.shape} vs {w.shape}"
             raise ValidationError(f"output {k} of the pruned module differs from the pruned ONNX model ({diff})")
+
+
+def _feeds(sess, example_inputs) -> dict:
+    """Session feeds: keyword inputs by name, the others in order."""
+    args, kwargs = as_call(example_inputs)
+    names = [i.name for i in sess.get_inputs()]
+    feeds = {k: v.detach().cpu().numpy() for k, v in kwargs.items() if k in names and hasattr(v, "detach")}
+    rest = [n for n in names if n not in feeds]
+    feeds.update({n: a.detach().cpu().numpy() for n, a in zip(rest, args)})
+    return feeds
 
 
 def blame_module_group(module, loaded, dg, plan, example_inputs, exported, exc, apply_onnx):

@@ -452,9 +452,11 @@ def prune(
 ) -> PruneResult:
     """Prune ``model`` (a path, bytes, onnx.ModelProto, onnx_ir.Model or torch ``nn.Module``).
 
-    A module is traced with ``example_inputs`` (a tensor or tuple) through the torch exporter;
-    ``result.module`` is then the pruned module (same classes, sliced parameters and buffers,
-    updated attributes), checked against the pruned ONNX model. For ONNX inputs the second
+    A module is traced with ``example_inputs`` (a tensor, a tuple, or a dict of keyword inputs
+    such as a tokenizer's ``BatchEncoding``) through the torch exporter, with caching off
+    (``use_cache``) for the export only; ``result.module`` is then the pruned module (same
+    classes, sliced parameters and buffers, updated attributes), called the same way and checked
+    against the pruned ONNX model. For ONNX inputs the second
     argument may be the ratio (``spa.prune("m.onnx", 0.3)``).
 
     ``criterion`` is any registered criterion (``spa.criteria.names()``). Gradient criteria

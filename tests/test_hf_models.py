@@ -2,7 +2,9 @@
 downloaded) prune through ``spa.prune(model, inputs)`` with keyword inputs, caching on by
 default in the config, and ``ModelOutput`` results; the user's config is left as it was.
 
-``python tests/test_hf_models.py`` prints, per model class, the groups, their kinds, the
+The default run covers one model of each family (``DEFAULT``); ``SPA_HF_MODELS=all python -m
+pytest tests/test_hf_models.py`` runs all 19 classes (about 3 minutes here), and
+``SPA_HF_MODELS=gemma,phi3`` picks some. ``python tests/test_hf_models.py`` prints, per model class, the groups, their kinds, the
 parameters before and after pruning 30% and the built-in check's result.
 """
 
@@ -77,6 +79,26 @@ MODELS = {
 }
 
 
+#: One of each family in the default run: encoder, causal LM with GQA, encoder-decoder's
+#: encoder, vision transformer, windowed attention, speech encoder.
+DEFAULT = ("bert", "gpt2", "qwen3", "t5_encoder", "vit", "swin", "whisper_encoder")
+
+
+def _selected() -> list[str]:
+    import os
+
+    chosen = os.environ.get("SPA_HF_MODELS", "")
+    if chosen == "all":
+        return list(MODELS)
+    if chosen:
+        names = [n.strip() for n in chosen.split(",") if n.strip()]
+        unknown = sorted(set(names) - set(MODELS))
+        if unknown:
+            raise ValueError(f"SPA_HF_MODELS names unknown models {unknown}; known: {sorted(MODELS)}")
+        return names
+    return list(DEFAULT)
+
+
 def _params(module):
     return sum(p.numel() for p in module.parameters())
 
@@ -115,7 +137,7 @@ def _onnx_run(model, inputs):
     return sess.run(None, {k: v.numpy() for k, v in inputs.items() if k in names})
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", _selected())
 def test_model_from_config_prunes_with_keyword_inputs(name):
     import onnx
 

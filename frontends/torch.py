@@ -166,6 +166,9 @@ def slice_module(module, dg, plan, exported: set[str] | None = None, updates: di
     put_tensors(owners, replaced)
     _update_attributes(pruned, module)
     _update_heads(pruned, dg, plan)
+    from spa.frontends.hf import record_on_config
+
+    record_on_config(pruned, module)  # a transformers config carries the sizes save_pretrained writes
     return pruned
 
 

@@ -182,3 +182,17 @@ def test_model_saved_without_pruning_loads_through_its_class(tmp_path):
     dense.save_pretrained(tmp_path)
     reloaded = spa.from_pretrained(tmp_path)
     assert torch.equal(_logits(reloaded, ids), _logits(dense, ids))
+
+
+def test_gpt2_tied_head_and_conv1d_round_trip(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=97, n_positions=64, use_cache=False)
+    dense, ids = transformers.GPT2LMHeadModel(cfg).eval(), torch.randint(0, 97, (2, 12))
+    pruned = spa.prune(dense, (ids,), ratio=0.3).module
+    pruned.save_pretrained(tmp_path)
+    reloaded = spa.from_pretrained(tmp_path)
+    assert reloaded.lm_head.weight is reloaded.transformer.wte.weight  # still tied
+    assert [b.mlp.c_fc.nf for b in reloaded.transformer.h] == [b.mlp.c_fc.nf for b in pruned.transformer.h]
+    assert _count(reloaded) == _count(pruned) < _count(dense)
+    assert torch.equal(_logits(reloaded, ids), _logits(pruned, ids))

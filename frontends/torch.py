@@ -268,16 +268,26 @@ def slice_module(module, dg, plan, exported: set[str] | None = None, updates: di
         data = data.contiguous().clone()
         new = torch.nn.Parameter(data, requires_grad=old.requires_grad) if isinstance(old, torch.nn.Parameter) else data
         replaced[id(old)] = new
-    for _, (mod, attr) in owners.items():
+    put_tensors(owners, replaced)
+    _update_attributes(pruned, module)
+    _update_heads(pruned, dg, plan)
+    from spa.frontends.hf import record_on_config
+
+    record_on_config(pruned, module)  # a transformers config carries the sizes save_pretrained writes
+    return pruned
+
+
+def put_tensors(owners: dict, replaced: dict) -> None:
+    """Swap in new tensors: ``replaced`` maps the id of an old tensor to its replacement, under
+    every name that holds it (``owners`` from ``_tensor_slots``), so tied tensors stay tied."""
+    torch = _torch()
+    for mod, attr in owners.values():
         old = getattr(mod, attr)
         if old is not None and id(old) in replaced:
             if isinstance(old, torch.nn.Parameter):
                 setattr(mod, attr, replaced[id(old)])
             else:
                 mod._buffers[attr] = replaced[id(old)]
-    _update_attributes(pruned, module)
-    _update_heads(pruned, dg, plan)
-    return pruned
 
 
 def _update_attributes(pruned, original) -> None:

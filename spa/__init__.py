@@ -20,9 +20,12 @@ from spa.api import (
     collect_stats,
     dependency_graph,
     export_plan,
+    from_pretrained,
     load,
+    load_module,
     make_plan,
     save,
+    save_module,
     score,
 )
 from spa.depgraph import Barrier, DependencyGraph
@@ -46,5 +49,5 @@ __all__ = [
     "ArgumentError", "Barrier", "BlockedGroup", "DependencyGraph", "Dim", "EquivalenceError", "FrontendError",
     "Group", "GroupPlan", "IndexMap", "Member", "Plan", "PlanError", "PruneResult", "SpaError",
     "UnsupportedModelError", "ValidationError", "apply_plan", "collect_stats", "dependency_graph", "export_plan",
-    "load", "make_plan", "prune", "save", "score",
+    "from_pretrained", "load", "load_module", "make_plan", "prune", "save", "save_module", "score",
 ]

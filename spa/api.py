@@ -188,6 +188,33 @@ def save(model: ir.Model, path: str | os.PathLike) -> Path:
     return save_model(model, path)
 
 
+def save_module(module, path: str | os.PathLike, plan: Plan | None = None) -> Path:
+    """Write a pruned ``nn.Module`` (or the result of ``spa.prune`` on one) as its sizes, its
+    weights and its plan: :func:`load_module` rebuilds it from the original class, so the
+    module is never pickled."""
+    from spa.frontends.hf import save_module as save_sizes
+
+    return save_sizes(module, path, plan)
+
+
+def load_module(path: str | os.PathLike, build, example_inputs=None, **kwargs):
+    """The module saved by :func:`save_module`, rebuilt from ``build(**kwargs)`` (the original
+    class, or any callable making the dense module) shrunk to the saved sizes; with
+    ``example_inputs``, the saved plan is applied again instead (``spa.apply_plan``)."""
+    from spa.frontends.hf import load_module as load_sizes
+
+    return load_sizes(path, build, example_inputs, **kwargs)
+
+
+def from_pretrained(directory: str | os.PathLike, auto_class=None, **config_kwargs):
+    """A pruned `transformers` model saved with ``save_pretrained``, layers of any sizes:
+    built from the class the config names (or ``auto_class``), shrunk to the sizes SPA stored
+    in the config, weights loaded."""
+    from spa.frontends.hf import from_pretrained as load_pretrained
+
+    return load_pretrained(directory, auto_class, **config_kwargs)
+
+
 def check_output_path(model, output) -> None:
     if (output is not None and isinstance(model, (str, os.PathLike))
             and Path(output).resolve() == Path(model).resolve()):

@@ -130,15 +130,20 @@ def _fold_under_symbol(ctx: RuleContext, fine_v, j: int, coarse_v, i: int, ratio
     dynamic = _pure_symbol(coarse_shape[i]) and not isinstance(fine_shape[j], int)
     static = (i == 0 and j == 0 and isinstance(coarse_shape[0], int) and coarse_shape[0] > 1
               and isinstance(fine_shape[0], int) and len(coarse_shape) >= 3)
-    if not (dynamic or static):
+    # [seq, batch, heads*d] -> [seq, batch*heads, d] (sequence first, dynamic; batch static)
+    behind_seq = (i == j >= 1 and tuple(coarse_shape[:i]) == tuple(fine_shape[:j])
+                  and all(_pure_symbol(s) for s in coarse_shape[:i]) and isinstance(coarse_shape[i], int)
+                  and coarse_shape[i] > 1 and isinstance(fine_shape[j], int))
+    if not (dynamic or static or behind_seq):
         return False
     inner = coarse_shape[i + 1]
     if not isinstance(inner, int) or inner <= 1:
         return False
-    if ratio % inner == 0:
+    if ratio % inner == 0 and not behind_seq:
         ctx.periodic(ctx.dim(fine_v, j), ratio)
         ctx.couple(ctx.dim(fine_v, j), ctx.dim(coarse_v, i + 1), block(ratio // inner))
-    elif dynamic and inner % ratio == 0 and j + 1 < len(fine_shape) and fine_shape[j + 1] == inner // ratio:
+    elif ((dynamic or behind_seq) and inner % ratio == 0 and j + 1 < len(fine_shape)
+          and fine_shape[j + 1] == inner // ratio):
         # [batch, heads*d] -> [batch*heads, d] (nn.MultiheadAttention): channel e is head e // d
         ctx.periodic(ctx.dim(fine_v, j), ratio)
         ctx.couple(ctx.dim(coarse_v, i + 1), ctx.dim(fine_v, j), block(inner // ratio))
@@ -258,6 +263,7 @@ def couple_view(ctx: RuleContext, x, y) -> None:
     for j, (_, up) in enumerate(yb):
         if ys[j] != 1:
             by_upper[up] = j
+    tied = set()
     for i, (xst, xup) in enumerate(xb):
         if xs[i] == 1:
             ctx.free(ctx.dim(x, i))
@@ -265,6 +271,7 @@ def couple_view(ctx: RuleContext, x, y) -> None:
         j = by_upper.get(xup)
         if j is None:
             continue
+        tied.add(j)
         yst = yb[j][0]
         if xst == yst:
             ctx.couple(ctx.dim(x, i), ctx.dim(y, j), IDENTITY)
@@ -285,6 +292,23 @@ def couple_view(ctx: RuleContext, x, y) -> None:
     for j, s in enumerate(ys):
         if s == 1:
             ctx.free(ctx.dim(y, j))
+        elif j not in tied:
+            _merge_periodic(ctx, x, y, j, xb, yb)
+
+
+def _merge_periodic(ctx: RuleContext, x, y, j: int, xb, yb) -> None:
+    """``y[j]`` (static) spans the low factor ``p`` of an axis ``x[i]`` sized ``p*batch`` and
+    the axes after it (``[s, batch*heads, d] -> [s*batch, heads*d]``): index ``k`` of ``x[i]``
+    is channel ``k % p`` of ``y[j]``'s blocks."""
+    yst, yup = yb[j]
+    for i, (xst, _) in enumerate(xb):
+        f = _factor(ctx.shape(x)[i])
+        if not f.symbolic or f.num <= 1 or not isinstance(ctx.shape(y)[j], int):
+            continue
+        if (xst * f.num).ratio(yup) == 1 == yup.ratio(xst * f.num) and (r := xst.ratio(yst)) is not None:
+            ctx.periodic(ctx.dim(x, i), f.num)
+            ctx.couple(ctx.dim(y, j), ctx.dim(x, i), block(r))
+            return
 
 
 @op("Reshape", weight_view="reshape")

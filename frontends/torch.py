@@ -172,7 +172,9 @@ def slice_module(module, dg, plan, exported: set[str] | None = None, updates: di
                 mod._buffers[attr] = replaced[id(old)]
     _update_attributes(pruned, module)
     _update_heads(pruned, dg, plan)
-    return pruned
+    from spa.frontends.torch_mha import swap_multihead_attention
+
+    return swap_multihead_attention(pruned, module, dg, plan)
 
 
 def _update_attributes(pruned, original) -> None:

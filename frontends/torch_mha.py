@@ -25,7 +25,11 @@ class PrunedMultiheadAttention(nn.Module):
 
     def __init__(self, source: nn.MultiheadAttention, num_heads: int, head_dim: int, kept_heads, dense_heads: int):
         super().__init__()
-        self.embed_dim, self.kdim, self.vdim = source.embed_dim, source.kdim, source.vdim
+        if source._qkv_same_embed_dim:
+            self.embed_dim = self.kdim = self.vdim = source.in_proj_weight.shape[1]
+        else:
+            self.embed_dim, self.kdim, self.vdim = (w.shape[1] for w in (
+                source.q_proj_weight, source.k_proj_weight, source.v_proj_weight))
         self.num_heads, self.head_dim = int(num_heads), int(head_dim)
         self.batch_first, self.dropout = source.batch_first, source.dropout
         self.packed = source._qkv_same_embed_dim
@@ -117,7 +121,7 @@ def _kept_heads(name: str, dg, plan):
 
 
 def swap_multihead_attention(pruned, original, dg, plan):
-    """Every ``nn.MultiheadAttention`` of ``pruned`` whose heads the plan removed becomes a
+    """Every ``nn.MultiheadAttention`` of ``pruned`` whose tensors the plan cut (heads, output) becomes a
     :class:`PrunedMultiheadAttention`. Raises UnsupportedModelError for configurations it
     cannot express (``add_bias_kv``, ``add_zero_attn``). Returns ``pruned`` (or its swap when
     it is one itself)."""
@@ -126,24 +130,23 @@ def swap_multihead_attention(pruned, original, dg, plan):
         if type(mod) is not nn.MultiheadAttention:
             continue
         old = before[name]
-        dense = old.in_proj_weight if old.in_proj_weight is not None else old.q_proj_weight
-        now = mod.in_proj_weight if mod.in_proj_weight is not None else mod.q_proj_weight
-        if now.shape == dense.shape and mod.out_proj.weight.shape == old.out_proj.weight.shape:
+        if all(getattr(mod, t) is None or getattr(mod, t).shape == getattr(old, t).shape for t in _TENSORS) \
+                and mod.out_proj.weight.shape == old.out_proj.weight.shape:
             continue
         if mod.bias_k is not None or mod.add_zero_attn:
             raise UnsupportedModelError(
-                f"nn.MultiheadAttention '{name}' uses add_bias_kv/add_zero_attn, which pruned heads do not "
-                f"support yet; keep its heads whole with protect=['{name}']")
-        kept = _kept_heads(name, dg, plan)
+                f"nn.MultiheadAttention '{name}' uses add_bias_kv/add_zero_attn, which a pruned layer does not "
+                f"support yet; keep its groups whole with protect=['{name}']")
+        dense = old.in_proj_weight if old.in_proj_weight is not None else old.q_proj_weight
+        now = mod.in_proj_weight if mod.in_proj_weight is not None else mod.q_proj_weight
         head_dim = old.embed_dim // old.num_heads
         parts = 3 if mod._qkv_same_embed_dim else 1
         heads = now.shape[0] // parts // head_dim
-        if (kept is None or len(kept) != heads or now.shape[0] != parts * heads * head_dim
-                or mod.out_proj.weight.shape[0] != old.embed_dim):
+        kept = _kept_heads(name, dg, plan) or (list(range(heads)) if heads == old.num_heads else None)
+        if kept is None or len(kept) != heads or now.shape[0] != parts * heads * head_dim:
             raise UnsupportedModelError(
                 f"the plan cuts nn.MultiheadAttention '{name}' other than by whole heads (in-projection "
-                f"{tuple(dense.shape)} -> {tuple(now.shape)}, out_proj {tuple(old.out_proj.weight.shape)} -> "
-                f"{tuple(mod.out_proj.weight.shape)}); keep its groups whole with protect=['{name}']")
+                f"{tuple(dense.shape)} -> {tuple(now.shape)}); keep its groups whole with protect=['{name}']")
         swapped = PrunedMultiheadAttention(mod, heads, head_dim, kept, old.num_heads).train(mod.training)
         if not name:
             return swapped

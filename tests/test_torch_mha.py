@@ -13,7 +13,6 @@ from helpers import run  # noqa: E402
 from torch import nn  # noqa: E402
 
 import spa  # noqa: E402
-from spa.errors import UnsupportedModelError  # noqa: E402
 from spa.frontends import torch as tf  # noqa: E402
 from spa.frontends.torch_mha import PrunedMultiheadAttention  # noqa: E402
 from spa.io import to_proto  # noqa: E402
@@ -140,15 +139,17 @@ def test_masks_and_weights_follow_the_kept_heads():
         np.testing.assert_allclose(a.numpy(), dense(q[0], kv[0], kv[0])[0].numpy(), atol=1e-5)
 
 
-def test_add_bias_kv_is_refused_clearly():
+@pytest.mark.parametrize("option", ["add_bias_kv", "add_zero_attn"])
+def test_extra_key_options_keep_the_layer_dense(option):
+    """A learned key/value bias or a zero key is concatenated onto the keys: the heads stay
+    blocked, the rest of the block is pruned and the layer is left as it was."""
     torch.manual_seed(0)
     module = Block().eval()
-    module.attn = nn.MultiheadAttention(E, H, batch_first=True, add_bias_kv=True).eval()
+    module.attn = nn.MultiheadAttention(E, H, batch_first=True, **{option: True}).eval()
     x = torch.randn(2, 5, E)
-    try:
-        result = spa.prune(module, x, ratio=0.5)
-    except UnsupportedModelError as exc:
-        assert "add_bias_kv" in str(exc) and "protect" in str(exc)
-    else:  # heads not found through the bias concat: the layer is left dense
-        assert isinstance(result.module.attn, nn.MultiheadAttention)
-        assert result.module.attn.in_proj_weight.shape == (3 * E, E)
+    result = spa.prune(module, x, ratio=0.5)
+    assert [g.kind for g in result.graph.groups] == ["channels"]
+    assert any(b.key == "attn.in_proj_weight:0" for b in result.graph.blocked_groups)
+    assert type(result.module.attn) is nn.MultiheadAttention
+    assert result.module.attn.in_proj_weight.shape == (3 * E, E)
+    assert result.module.ff[0].out_features == 32

@@ -272,6 +272,9 @@ def slice_module(module, dg, plan, exported: set[str] | None = None, updates: di
     _update_attributes(pruned, module)
     _update_heads(pruned, dg, plan)
     from spa.frontends.hf import record_on_config
+    from spa.frontends.torch_mha import swap_multihead_attention
+
+    pruned = swap_multihead_attention(pruned, module, dg, plan)
 
     record_on_config(pruned, module)  # a transformers config carries the sizes save_pretrained writes
     return pruned

@@ -6,8 +6,10 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
+
 from spa.dims import IDENTITY, block, mod
-from spa.ops.context import RuleContext
+from spa.ops.context import RuleContext, shape_pieces
 from spa.ops.registry import op
 
 
@@ -70,6 +72,53 @@ def _pure_symbol(size) -> bool:
     return f.symbolic and f.num == 1
 
 
+def _count_factor(v, factor: int, depth: int = 4):
+    """(path of (node, input) from the shape piece ``v`` down to a ``Mul`` by the literal
+    ``factor``, the Mul's literal input) when ``v`` is ``batch * factor`` computed at run time."""
+    path = []
+    for _ in range(depth):
+        prod = v.producer() if v is not None else None
+        if prod is None or prod.domain not in ("", "ai.onnx"):
+            return None
+        if prod.op_type == "Mul":
+            for k in (0, 1):
+                c = prod.inputs[k].const_value if prod.inputs[k] is not None else None
+                if c is not None and c.numpy().size == 1 and int(c.numpy().reshape(-1)[0]) == factor:
+                    return path, k
+            return None
+        if prod.op_type not in ("Reshape", "Unsqueeze", "Squeeze", "Cast", "Identity"):
+            return None
+        path.append(0)
+        v = prod.inputs[0]
+    return None
+
+
+def _follow_folded_count(ctx: RuleContext, j: int, period: int) -> None:
+    """The shape entry ``j`` of a Reshape computed as ``batch * period`` (a Concat piece)
+    follows the kept head count."""
+    for _, k, values, start, n in shape_pieces(ctx.inp(1)) or []:
+        if values is not None or not start <= j < start + n or n != 1:
+            continue
+        found = _count_factor(ctx.node.inputs[1].producer().inputs[k], period)
+        if found is None:
+            return
+        path, slot = found
+        node, d = ctx.node, ctx.dim(ctx.out(0), j)
+
+        def fix(apply) -> None:
+            kept = apply.kept(d)
+            if kept is None or kept.size == period:
+                return
+            target = apply.private_producer(apply.private_producer(node, 1), k)
+            for index in path:
+                target = apply.private_producer(target, index)
+            old = target.inputs[slot].const_value.numpy()
+            apply.set_input_const(target, slot, np.full(old.shape, kept.size, dtype=old.dtype))
+
+        ctx.fixup("folded head count", fix)
+        return
+
+
 def _fold_under_symbol(ctx: RuleContext, fine_v, j: int, coarse_v, i: int, ratio: int) -> bool:
     """``fine_v[j]`` (size ``n*ratio``) folds a batch axis ``coarse_v[i]`` over the static axes
     after it (SDPA's ``[batch, heads, s, d] -> [heads*batch, s, d]``). Tie it periodically to
@@ -81,13 +130,27 @@ def _fold_under_symbol(ctx: RuleContext, fine_v, j: int, coarse_v, i: int, ratio
     dynamic = _pure_symbol(coarse_shape[i]) and not isinstance(fine_shape[j], int)
     static = (i == 0 and j == 0 and isinstance(coarse_shape[0], int) and coarse_shape[0] > 1
               and isinstance(fine_shape[0], int) and len(coarse_shape) >= 3)
-    if not (dynamic or static):
+    # [seq, batch, heads*d] -> [seq, batch*heads, d] (sequence first, dynamic; batch static)
+    behind_seq = (i == j >= 1 and tuple(coarse_shape[:i]) == tuple(fine_shape[:j])
+                  and all(_pure_symbol(s) for s in coarse_shape[:i]) and isinstance(coarse_shape[i], int)
+                  and coarse_shape[i] > 1 and isinstance(fine_shape[j], int))
+    if not (dynamic or static or behind_seq):
         return False
     inner = coarse_shape[i + 1]
-    if not isinstance(inner, int) or inner <= 1 or ratio % inner:
+    if not isinstance(inner, int) or inner <= 1:
         return False
-    ctx.periodic(ctx.dim(fine_v, j), ratio)
-    ctx.couple(ctx.dim(fine_v, j), ctx.dim(coarse_v, i + 1), block(ratio // inner))
+    if ratio % inner == 0 and not behind_seq:
+        ctx.periodic(ctx.dim(fine_v, j), ratio)
+        ctx.couple(ctx.dim(fine_v, j), ctx.dim(coarse_v, i + 1), block(ratio // inner))
+    elif ((dynamic or behind_seq) and inner % ratio == 0 and j + 1 < len(fine_shape)
+          and fine_shape[j + 1] == inner // ratio):
+        # [batch, heads*d] -> [batch*heads, d] (nn.MultiheadAttention): channel e is head e // d
+        ctx.periodic(ctx.dim(fine_v, j), ratio)
+        ctx.couple(ctx.dim(coarse_v, i + 1), ctx.dim(fine_v, j), block(inner // ratio))
+    else:
+        return False
+    if ctx.node.op_type == "Reshape":
+        _follow_folded_count(ctx, j, ratio)
     if dynamic:
         ctx.free(ctx.dim(coarse_v, i))
     else:
@@ -136,6 +199,55 @@ def _fold_over_index(ctx: RuleContext, x, i: int, y, j: int, xb, yst) -> bool:
     return True
 
 
+def _const_of(v):
+    return None if v is None or v.const_value is None else v.const_value.numpy()
+
+
+def _moved_axis(node, axis: int, rank: int) -> int | None:
+    """Where ``axis`` of input 0 lands in the output of a pure layout op, else None."""
+    t = node.op_type
+    if t == "Identity":
+        return axis
+    if t == "Transpose":
+        perm = node.attributes.get("perm")
+        perm = list(range(rank))[::-1] if perm is None else [int(p) % rank for p in perm.value]
+        return perm.index(axis)
+    if t in ("Squeeze", "Unsqueeze"):
+        a = node.attributes.get("axes")
+        axes = a.value if a is not None else _const_of(node.inputs[1] if len(node.inputs) > 1 else None)
+        if axes is None:
+            return None
+        if t == "Squeeze":
+            axes = {int(k) % rank for k in axes}
+            return None if axis in axes else axis - sum(k < axis for k in axes)
+        out_rank = rank + len(axes)
+        axes = {int(k) % out_rank for k in axes}
+        kept = [k for k in range(out_rank) if k not in axes]
+        return kept[axis]
+    return None
+
+
+def _picked_by_constants(v, axis: int, depth: int = 8) -> bool:
+    """Every use of ``v`` reaches a Gather that picks one constant index of ``axis`` (through
+    layout ops only): the axis indexes parts (q, k, v of a packed projection), not channels."""
+    if depth == 0 or v.is_graph_output() or v.shape is None or not v.uses():
+        return False
+    rank = len(v.shape)
+    for node, slot in v.uses():
+        if slot != 0 or node.domain not in ("", "ai.onnx") or len(node.outputs) != 1:
+            return False
+        if node.op_type == "Gather":
+            a = node.attributes.get("axis")
+            idx = _const_of(node.inputs[1])
+            if (0 if a is None else int(a.value)) % rank != axis or idx is None or idx.ndim != 0:
+                return False
+            continue
+        moved = _moved_axis(node, axis, rank)
+        if moved is None or not _picked_by_constants(node.outputs[0], moved, depth - 1):
+            return False
+    return True
+
+
 def couple_view(ctx: RuleContext, x, y) -> None:
     """Ties axes of a row-major view that share the flat range they span.
 
@@ -151,6 +263,7 @@ def couple_view(ctx: RuleContext, x, y) -> None:
     for j, (_, up) in enumerate(yb):
         if ys[j] != 1:
             by_upper[up] = j
+    tied = set()
     for i, (xst, xup) in enumerate(xb):
         if xs[i] == 1:
             ctx.free(ctx.dim(x, i))
@@ -158,6 +271,7 @@ def couple_view(ctx: RuleContext, x, y) -> None:
         j = by_upper.get(xup)
         if j is None:
             continue
+        tied.add(j)
         yst = yb[j][0]
         if xst == yst:
             ctx.couple(ctx.dim(x, i), ctx.dim(y, j), IDENTITY)
@@ -170,11 +284,31 @@ def couple_view(ctx: RuleContext, x, y) -> None:
                 if expand is not None:
                     ctx.repeat(ctx.dim(y, j), ctx.dim(x, i), r, expand, i + 1)
         elif (r := yst.ratio(xst)) is not None:  # input axis is finer
-            if not _fold_under_symbol(ctx, x, i, y, j, r):
+            if j + 1 < len(ys) and ys[j + 1] == r and _picked_by_constants(y, j):
+                ctx.couple(ctx.dim(x, i), ctx.dim(y, j + 1), mod(r))  # [P*C] -> [P, C], parts picked
+                ctx.free(ctx.dim(y, j))
+            elif not _fold_under_symbol(ctx, x, i, y, j, r):
                 ctx.couple(ctx.dim(x, i), ctx.dim(y, j), block(r))
     for j, s in enumerate(ys):
         if s == 1:
             ctx.free(ctx.dim(y, j))
+        elif j not in tied:
+            _merge_periodic(ctx, x, y, j, xb, yb)
+
+
+def _merge_periodic(ctx: RuleContext, x, y, j: int, xb, yb) -> None:
+    """``y[j]`` (static) spans the low factor ``p`` of an axis ``x[i]`` sized ``p*batch`` and
+    the axes after it (``[s, batch*heads, d] -> [s*batch, heads*d]``): index ``k`` of ``x[i]``
+    is channel ``k % p`` of ``y[j]``'s blocks."""
+    yst, yup = yb[j]
+    for i, (xst, _) in enumerate(xb):
+        f = _factor(ctx.shape(x)[i])
+        if not f.symbolic or f.num <= 1 or not isinstance(ctx.shape(y)[j], int):
+            continue
+        if (xst * f.num).ratio(yup) == 1 == yup.ratio(xst * f.num) and (r := xst.ratio(yst)) is not None:
+            ctx.periodic(ctx.dim(x, i), f.num)
+            ctx.couple(ctx.dim(y, j), ctx.dim(x, i), block(r))
+            return
 
 
 @op("Reshape", weight_view="reshape")

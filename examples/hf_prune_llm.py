@@ -32,16 +32,16 @@ def main() -> None:
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=128,
-                         use_cache=False)
+                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=128)
     model = LlamaForCausalLM(config).eval()
     prompt = torch.randint(0, config.vocab_size, (1, 16))
-    greedy = dict(max_new_tokens=8, do_sample=False, use_cache=False, pad_token_id=0)
+    inputs = {"input_ids": prompt, "attention_mask": torch.ones_like(prompt)}  # as a tokenizer returns them
+    greedy = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)  # generate() with its KV cache
     with torch.no_grad():
         before = model.generate(prompt, **greedy)
 
     start = time.perf_counter()
-    result = spa.prune(model, (prompt,), ratio=0.3, round_to=8, global_pruning=args.global_pruning,
+    result = spa.prune(model, inputs, ratio=0.3, round_to=8, global_pruning=args.global_pruning,
                          kinds=args.kinds.split(",") if args.kinds else None)
     pruned = result.module
     print(f"pruned in {time.perf_counter() - start:.1f} s: {parameters(model):,} -> {parameters(pruned):,} "

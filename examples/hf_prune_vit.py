@@ -30,7 +30,7 @@ def main() -> None:
     pixels = torch.randn(2, 3, 64, 64)
 
     start = time.perf_counter()
-    result = spa.prune(model, (pixels,), ratio=0.3)
+    result = spa.prune(model, {"pixel_values": pixels}, ratio=0.3)  # keyword inputs, as an image processor gives
     pruned = result.module
     print(f"pruned in {time.perf_counter() - start:.1f} s: {parameters(model):,} -> {parameters(pruned):,} "
           f"parameters; fidelity {result.fidelity}")

@@ -547,6 +547,14 @@ class DependencyGraph:
                 problems.append(f"group '{g.key}' has channels no member holds")
         return problems
 
+    def components(self) -> list[list[Dim]]:
+        """The connected components of the dim graph (groups and blocked groups among them)."""
+        return self._components
+
+    def barrier_dims(self) -> list[tuple[Barrier, list[Dim]]]:
+        """Each barrier with the dims of the node's inputs and outputs it blocked."""
+        return list(self._barrier_dims)
+
     def relevant_barriers(self) -> list[Barrier]:
         """Barriers that touch a component holding a parameter axis (not only shape math)."""
         param_dims = {d for comp in self._components

@@ -62,14 +62,14 @@ def coverage(dg: DependencyGraph, model=None) -> Coverage:
     sizes = param_elements(model if model is not None else dg.model)
     prunable = {m.param for g in dg.groups for m in g.members if m.param in sizes}
     blocked_dims: dict = {}
-    for comp in dg._components:
+    for comp in dg.components():
         params = {dg.param_source(d) for d in comp if dg.role(d)} - {None}
         params = {p for p in params if p in sizes and p not in prunable}
         if params:
             for d in comp:
                 blocked_dims[d] = params
     per_barrier = []
-    for b, dims in dg._barrier_dims:
+    for b, dims in dg.barrier_dims():
         names = set().union(*(blocked_dims.get(d, set()) for d in dims)) if dims else set()
         if names:
             per_barrier.append((b, sum(sizes[n] for n in names)))

@@ -33,9 +33,26 @@ class GroupPlan:
 
 
 @dataclass(frozen=True, slots=True)
+class BlockPlan:
+    """Remove the residual block ``key`` (see ``spa.depth``): its branch nodes and the
+    parameters ``params`` only it reads go; the stream passes straight through."""
+
+    key: str
+    kind: str
+    layer: int | None = None
+    params: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {"key": self.key, "kind": self.kind, "layer": self.layer, "params": list(self.params)}
+
+
+@dataclass(frozen=True, slots=True)
 class Plan:
+    """Channels kept per group (width) and residual blocks removed (depth, applied first)."""
+
     groups: tuple[GroupPlan, ...]
     meta: dict = field(default_factory=dict)
+    blocks: tuple[BlockPlan, ...] = ()
 
     @property
     def pruned_groups(self) -> tuple[GroupPlan, ...]:
@@ -48,7 +65,7 @@ class Plan:
             "meta": self.meta,
             "groups": [{"key": g.key, "size": g.size, "keep": list(g.keep)}
                        | ({"slots": list(g.slots)} if g.slots is not None else {}) for g in self.groups],
-        }
+        } | ({"blocks": [b.to_dict() for b in self.blocks]} if self.blocks else {})
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=1)
@@ -95,7 +112,7 @@ class Plan:
                 if not slots or len(set(slots)) != len(slots) or slots[0] < 0:
                     raise PlanError(f"plan group '{key}': slots must be distinct, non-negative and not empty")
             groups.append(GroupPlan(key, size, keep, slots))
-        return cls(tuple(groups), dict(data.get("meta", {})))
+        return cls(tuple(groups), dict(data.get("meta", {})), _blocks(data.get("blocks", [])))
 
     @classmethod
     def from_json(cls, source: str | os.PathLike) -> Plan:
@@ -108,3 +125,20 @@ class Plan:
         except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as exc:
             raise PlanError(f"cannot read plan {source}: {type(exc).__name__}: {exc}"[:500]) from exc
         return cls.from_dict(data)
+
+
+def _blocks(items) -> tuple[BlockPlan, ...]:
+    if not isinstance(items, list):
+        raise PlanError("plan \"blocks\" must be a list of {key, kind, layer, params} objects")
+    out = []
+    for i, b in enumerate(items):
+        if not isinstance(b, dict) or not isinstance(b.get("key"), str) or not isinstance(b.get("kind"), str):
+            raise PlanError(f"plan block #{i} is malformed; it needs a string key and kind")
+        layer, params = b.get("layer"), b.get("params", [])
+        if (layer is not None and (not isinstance(layer, int) or isinstance(layer, bool))) or \
+                not isinstance(params, list) or not all(isinstance(p, str) for p in params):
+            raise PlanError(f"plan block '{b['key']}': layer must be an integer or null, params a list of names")
+        out.append(BlockPlan(b["key"], b["kind"], layer, tuple(params)))
+    if len({b.key for b in out}) != len(out):
+        raise PlanError("plan blocks repeat a key")
+    return tuple(out)

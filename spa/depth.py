@@ -1,0 +1,466 @@
+"""Depth pruning: residual blocks found in the dataflow graph, scored, chosen for removal.
+
+A residual branch closes at an Add ``y = x + f(x)``: one operand is the stream ``x``, the other
+depends on ``x``. The branch is every node between them (descendants of ``x`` that the other
+operand depends on); side inputs that do not depend on ``x`` (an attention mask, rotary
+tables) stay shared. A branch is removable when nothing outside it reads its values and the
+Add's output keeps the stream's shape: removing it then equals forcing its output to zero.
+An Add whose two operands both derive from an earlier stream value through weights (a
+downsampling block with a projection shortcut) is listed as a block that is not removable.
+
+Scores (``score_units``) run the model once in onnxruntime with the stream values exposed:
+
+* ``bi``: block influence, 1 - cosine(stream before, stream after) averaged over tokens;
+* ``angular``: angular distance between the stream before unit i and after unit i+n-1, the
+  best contiguous span of n units;
+* ``greedy``: the unit whose removal changes the graph outputs least (relative error), then
+  re-measured with it gone, n times (one session: every branch gets a 0/1 gate input).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from spa.errors import ArgumentError, PlanError
+
+KINDS = ("attention", "ffn", "block", "layer")
+UNITS = ("layer", "sublayer")
+SCORES = ("bi", "angular", "greedy")
+_MATMULS = {"MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum", "MatMulInteger", "QLinearMatMul", "QLinearConv",
+            "FusedMatMul", "ConvInteger"}
+_ATTENTION = {"Softmax", "LogSoftmax"}
+
+
+@dataclass(frozen=True)
+class Block:
+    """One residual branch (or an attention+FFN pair, ``kind == "layer"``) along the stream."""
+
+    key: str
+    kind: str
+    layer: int | None
+    index: int
+    add: str
+    nodes: tuple[str, ...]
+    params: tuple[str, ...]
+    removable: bool
+    reason: str | None
+
+    def describe(self) -> str:
+        what = {"attention": "attention sublayer", "ffn": "FFN sublayer", "block": "residual block",
+                "layer": "layer"}[self.kind]
+        state = "removable" if self.removable else f"not removable: {self.reason}"
+        return f"{self.key} ({what}, {len(self.nodes)} nodes, {len(self.params)} weights): {state}"
+
+
+@dataclass(frozen=True)
+class _Branch:
+    add: ir.Node
+    stream: ir.Value  # x
+    out: ir.Value  # the branch output f(x), the Add's other operand
+    core: tuple[ir.Node, ...]  # nodes depending on x that the branch output depends on
+    shortcut: tuple[ir.Node, ...] = ()  # nodes on a projection shortcut (not removable)
+
+
+# ---- discovery --------------------------------------------------------------------------
+class _Graph:
+    def __init__(self, model: ir.Model):
+        self.model = model
+        self.nodes = list(model.graph)
+        self.pos = {id(n): i for i, n in enumerate(self.nodes)}
+        self.outputs = {id(v) for v in model.graph.outputs}
+
+    def at(self, v: ir.Value) -> int:
+        p = v.producer()
+        return -1 if p is None or id(p) not in self.pos else self.pos[id(p)]
+
+    def ancestors(self, v: ir.Value, floor: int) -> list[ir.Node]:
+        """Producers v depends on, above position ``floor`` (main graph)."""
+        seen, stack, out = set(), [v], []
+        while stack:
+            p = stack.pop().producer()
+            if p is None or id(p) in seen or id(p) not in self.pos or self.pos[id(p)] <= floor:
+                continue
+            seen.add(id(p))
+            out.append(p)
+            stack.extend(i for i in p.inputs if i is not None)
+        return out
+
+    def between(self, x: ir.Value, out: ir.Value) -> list[ir.Node]:
+        """Nodes depending on ``x`` that ``out`` depends on, in graph order."""
+        anc = self.ancestors(out, self.at(x))
+        anc.sort(key=lambda n: self.pos[id(n)])
+        reached, core = {id(x)}, []
+        for n in anc:
+            if any(i is not None and id(i) in reached for i in n.inputs):
+                core.append(n)
+                reached.update(id(o) for o in n.outputs)
+        return core
+
+    def depends(self, out: ir.Value, x: ir.Value) -> bool:
+        return bool(self.between(x, out)) if self.at(out) > self.at(x) else False
+
+
+def _is_const(v: ir.Value) -> bool:
+    p = v.producer()
+    return v.const_value is not None or (p is not None and p.op_type == "Constant" and not p.inputs)
+
+
+def _shape(v: ir.Value):
+    return None if v.shape is None else tuple(d if isinstance(d, int) else str(d) for d in v.shape)
+
+
+def _branches(g: _Graph) -> list[_Branch]:
+    found = []
+    for n in g.nodes:
+        if n.op_type != "Add" or n.domain not in ("", "ai.onnx") or len(n.inputs) != 2 or None in n.inputs:
+            continue
+        a, b = n.inputs
+        if _is_const(a) or _is_const(b) or a is b or n.outputs[0].dtype is None \
+                or not n.outputs[0].dtype.is_floating_point():
+            continue
+        for x, out in ((a, b), (b, a)):
+            if _shape(x) is not None and _shape(x) != _shape(n.outputs[0]):
+                continue  # a broadcast operand (an attention mask) is no stream
+            core = g.between(x, out)
+            if core:
+                found.append(_Branch(n, x, out, tuple(core)))
+                break
+        else:
+            found.extend(_projection(g, n))
+    inner = {id(m) for br in found for m in br.core}
+    return [br for br in found if id(br.add) not in inner]
+
+
+def _has_weight(nodes) -> bool:
+    return any(m.op_type in _MATMULS and any(i is not None and i.const_value is not None for i in m.inputs[1:])
+               for m in nodes)
+
+
+def _projection(g: _Graph, add: ir.Node) -> list[_Branch]:
+    """``y = proj(x) + f(x)``: both operands derive from a common stream value through weights."""
+    a, b = add.inputs
+    common = {id(m) for m in g.ancestors(a, -1)} & {id(m) for m in g.ancestors(b, -1)}
+    if not common:
+        return []
+    top = max((m for m in g.nodes if id(m) in common), key=lambda m: g.pos[id(m)])
+    x = next((o for o in top.outputs if o.uses()), None)
+    if x is None or x.dtype is None or not x.dtype.is_floating_point():
+        return []
+    pa, pb = g.between(x, a), g.between(x, b)
+    short, out, core = (pa, b, pb) if len(pa) <= len(pb) else (pb, a, pa)
+    if not _has_weight(short) or not _has_weight(core):
+        return []
+    return [_Branch(add, x, out, tuple(core), tuple(short))]
+
+
+def _kind(core) -> str:
+    ops = {m.op_type for m in core}
+    if ops & _ATTENTION or any(m.op_type.endswith("Attention") for m in core):
+        return "attention"
+    if ops & {"Conv", "ConvTranspose", "QLinearConv", "ConvInteger"}:
+        return "block"
+    weighted = [m for m in core if m.op_type in _MATMULS]
+    return "ffn" if len(weighted) >= 2 else "block"
+
+
+def _exclusive(g: _Graph, core, stop: ir.Node) -> tuple[list[ir.Node], list[str]]:
+    """``core`` plus the side nodes only it reads (constants, weight transposes), and the
+    floating-point initializers (weights; shape constants aside) only those nodes read."""
+    members = {id(m) for m in core}
+    nodes = list(core)
+    changed = True
+    while changed:
+        changed = False
+        for m in list(nodes):
+            for i in m.inputs:
+                p = None if i is None else i.producer()
+                if p is None or id(p) in members or id(p) not in g.pos:
+                    continue
+                if all(o.uses() and id(o) not in g.outputs and all(id(u.node) in members for u in o.uses())
+                       for o in p.outputs):
+                    members.add(id(p))
+                    nodes.append(p)
+                    changed = True
+    params = []
+    for name, v in g.model.graph.initializers.items():
+        uses = v.uses()
+        if uses and id(v) not in g.outputs and all(id(u.node) in members for u in uses) \
+                and v.dtype is not None and v.dtype.is_floating_point():
+            params.append(name)
+    nodes.sort(key=lambda m: g.pos[id(m)])
+    return nodes, params
+
+
+def _why_not(g: _Graph, br: _Branch) -> str | None:
+    if br.shortcut:
+        ops = sorted({m.op_type for m in br.shortcut if m.op_type in _MATMULS})
+        sx, sy = _shape(br.stream), _shape(br.add.outputs[0])
+        change = f"; the block changes the stream's shape {sx} -> {sy}" if sx != sy else ""
+        return f"projection shortcut ({'/'.join(ops)} on the shortcut{change})"
+    members = {id(m) for m in br.core}
+    for m in br.core:
+        for o in m.outputs:
+            if id(o) in g.outputs:
+                return f"value '{o.name}' of the branch is a graph output"
+            for u in o.uses():
+                if id(u.node) not in members and not (o is br.out and u.node is br.add):
+                    return f"value '{o.name}' of the branch is also read by '{u.node.name}' outside it"
+    sx, sy = _shape(br.stream), _shape(br.add.outputs[0])
+    if sx is None or sy is None or sx != sy:
+        return f"the branch changes the stream's shape ({sx} -> {sy})"
+    return None
+
+
+def find_blocks(model_or_dg) -> list[Block]:
+    """Residual branches along the stream of a loaded model (or a DependencyGraph's model), in
+    order, then the attention+FFN pairs as ``layer`` blocks."""
+    from spa.api import loaded
+
+    model = getattr(model_or_dg, "model", model_or_dg)
+    model = model if isinstance(model, ir.Model) else loaded(model)
+    g = _Graph(model)
+    branches = _branches(g)
+    kinds = [_kind(br.core) for br in branches]
+    layer_of: list[int | None] = [None] * len(branches)
+    pairs = []
+    layer = 0
+    for i, kind in enumerate(kinds):
+        if kind == "attention" and i + 1 < len(kinds) and kinds[i + 1] == "ffn":
+            layer_of[i] = layer_of[i + 1] = layer
+            pairs.append((layer, i, i + 1))
+            layer += 1
+    blocks = []
+    for i, (br, kind) in enumerate(zip(branches, kinds)):
+        nodes, params = _exclusive(g, br.core, br.add)
+        why = _why_not(g, br)
+        key = f"layer{layer_of[i]}.{kind}" if layer_of[i] is not None else f"block{i}"
+        blocks.append(Block(key, kind, layer_of[i], i, br.add.name, tuple(m.name for m in nodes), tuple(params),
+                            why is None, why))
+    for layer, i, j in pairs:
+        a, f = blocks[i], blocks[j]
+        why = a.reason or f.reason
+        blocks.append(Block(f"layer{layer}", "layer", layer, i, f.add, a.nodes + f.nodes, a.params + f.params,
+                            why is None, why))
+    return blocks
+
+
+def branches_of(model: ir.Model, blocks, found: list[Block] | None = None) -> list[tuple[ir.Node, ir.Value, ir.Value]]:
+    """(Add node, stream x, branch output) of each sublayer of ``blocks`` (Block or BlockPlan)
+    in ``model`` (``found``: its blocks, when known); a block this model does not have is refused."""
+    found = find_blocks(model) if found is None else found
+    by_key = {b.key: b for b in found}
+    nodes = {n.name: n for n in model.graph}
+    out = []
+    for want in blocks:
+        b = by_key.get(want.key)
+        if b is None or b.kind != want.kind:
+            raise PlanError(f"block '{want.key}' ({want.kind}) is not in this model (it has "
+                            f"{', '.join(x.key for x in found[:6]) or 'no residual block'}"
+                            f"{' ...' if len(found) > 6 else ''}); was the plan made for another model?")
+        if not b.removable:
+            raise PlanError(f"block '{b.key}' cannot be removed: {b.reason}")
+        subs = [x for x in found if x.layer == b.layer and x.kind != "layer"] if b.kind == "layer" else [b]
+        for s in subs:
+            add = nodes[s.add]
+            members = set(s.nodes)
+            a, c = add.inputs
+            x, r = (a, c) if c.producer() is not None and c.producer().name in members else (c, a)
+            out.append((add, x, r))
+    return out
+
+
+def gated(model: ir.Model, blocks, gates: bool = False) -> ir.Model:
+    """A copy whose branch outputs of ``blocks`` are multiplied by 0 (the depth reference); with
+    ``gates``, by a scalar graph input ``spa_gate_<i>`` each instead (to switch them at run time)."""
+    from spa.api import clone
+
+    out = clone(model)
+    for k, (add, x, r) in enumerate(branches_of(out, blocks)):
+        dtype = r.dtype or ir.DataType.FLOAT
+        if gates:
+            g = ir.Value(name=f"spa_gate_{k}", shape=ir.Shape([]), type=ir.TensorType(dtype))
+            out.graph.inputs.append(g)
+        else:
+            g = ir.Value(name=f"spa_zero_{k}", shape=ir.Shape([]), type=ir.TensorType(dtype),
+                         const_value=ir.tensor(np.zeros((), dtype.numpy()), name=f"spa_zero_{k}"))
+            out.graph.register_initializer(g)
+        mul = ir.Node("", "Mul", [r, g], num_outputs=1, name=f"spa_gate_mul_{k}")
+        mul.outputs[0].name = f"{r.name}_spa_gated"
+        mul.outputs[0].shape, mul.outputs[0].type = r.shape, r.type
+        out.graph.insert_before(add, mul)
+        add.replace_input_with(list(add.inputs).index(r), mul.outputs[0])
+    return out
+
+
+# ---- units and scores -------------------------------------------------------------------
+def units(blocks: list[Block], unit: str = "layer") -> list[Block]:
+    """What depth pruning counts and removes: whole layers (attention+FFN pairs, or the
+    residual blocks of a model without layers), or every sublayer."""
+    if unit not in UNITS:
+        raise ArgumentError(f"depth unit '{unit}' is not one of {', '.join(UNITS)}")
+    layers = [b for b in blocks if b.kind == "layer"]
+    if unit == "layer" and layers:
+        paired = {b.layer for b in layers}
+        rest = [b for b in blocks if b.kind != "layer" and b.layer not in paired]
+        return sorted(layers + rest, key=lambda b: b.index)
+    return [b for b in blocks if b.kind != "layer"]
+
+
+def count(depth: float, n_units: int) -> int:
+    """Units to remove: ``depth`` in (0, 1) is a share of the removable units (at least one),
+    an integer >= 1 a count."""
+    if depth is None or depth <= 0:
+        return 0
+    if depth >= 1:
+        if float(depth) != int(depth):
+            raise ArgumentError(f"depth {depth}: a share is below 1, a count an integer")
+        n = int(depth)
+    else:
+        n = max(1, int(math.floor(depth * n_units + 0.5)))
+    if n >= n_units:
+        raise ArgumentError(f"depth {depth} would remove {n} of {n_units} removable units; SPA keeps at least one")
+    return n
+
+
+def _rows(a: np.ndarray) -> np.ndarray:
+    a = np.asarray(a, np.float64)
+    if a.ndim == 4:  # NCHW: a token is a pixel, its features the channels
+        a = np.moveaxis(a, 1, -1)
+    return a.reshape(-1, a.shape[-1]) if a.ndim else a.reshape(1, 1)
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = _rows(a), _rows(b)
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    return np.clip((a * b).sum(1) / np.maximum(na * nb, 1e-30), -1.0, 1.0)
+
+
+def score_units(model: ir.Model, candidates: list[Block], n: int, method: str, feeds: list[dict]) -> list[Block]:
+    """The ``n`` units of ``candidates`` (removable, in stream order) to remove by ``method``."""
+    from spa import runtime
+
+    if method not in SCORES:
+        raise ArgumentError(f"depth score '{method}' is not one of {', '.join(SCORES)}")
+    if method == "greedy":
+        return _greedy(model, candidates, n, feeds)
+    found = find_blocks(model)
+    subs = [branches_of(model, [u], found) for u in candidates]
+    ends = [(s[0][1].name, s[-1][0].outputs[0].name) for s in subs]
+    names = sorted({v for pair in ends for v in pair})
+    sess = runtime.session_exposing(model, names)
+    wanted = [o.name for o in sess.get_outputs()]
+    sums: dict = {}
+    for batch in feeds:
+        values = dict(zip(wanted, sess.run(None, batch)))
+        if method == "bi":
+            for i, (x, y) in enumerate(ends):
+                sums.setdefault(i, []).append(float(np.mean(1.0 - _cosine(values[x], values[y]))))
+        else:
+            for i in _contiguous(candidates, n):
+                x, y = ends[i][0], ends[i + n - 1][1]
+                sums.setdefault(i, []).append(float(np.mean(np.arccos(_cosine(values[x], values[y])) / np.pi)))
+    score = {i: float(np.mean(v)) for i, v in sums.items()}
+    if method == "bi":
+        chosen = sorted(score, key=lambda i: (score[i], i))[:n]
+        return [candidates[i] for i in sorted(chosen)]
+    best = min(score, key=lambda i: (score[i], i))
+    return candidates[best:best + n]
+
+
+def _contiguous(candidates: list[Block], n: int) -> list[int]:
+    """Starts of runs of ``n`` candidates with no unremovable block between them."""
+    order = [c.index for c in candidates]
+    starts = []
+    for i in range(len(candidates) - n + 1):
+        if all(order[i + k + 1] - order[i + k] <= _stride(candidates[i + k]) for k in range(n - 1)):
+            starts.append(i)
+    return starts or list(range(len(candidates) - n + 1))
+
+
+def _stride(unit: Block) -> int:
+    return 2 if unit.kind == "layer" else 1
+
+
+def _greedy(model: ir.Model, candidates: list[Block], n: int, feeds: list[dict]) -> list[Block]:
+    from spa import runtime
+    from spa.equivalence import fidelity
+    from spa.io import to_proto
+
+    found = find_blocks(model)
+    subs = [branches_of(model, [u], found) for u in candidates]
+    sess = runtime.session(to_proto(gated(model, candidates, gates=True)))
+    inputs = {i.name for i in model.graph.inputs}
+    owner = [(i, (r.dtype or ir.DataType.FLOAT).numpy()) for i, s in enumerate(subs) for _, _, r in s]
+
+    def outputs(removed: set[int]) -> list:
+        gates = {f"spa_gate_{k}": np.asarray(0.0 if i in removed else 1.0, dt) for k, (i, dt) in enumerate(owner)}
+        return [a for b in feeds for a in sess.run(None, {**{k: v for k, v in b.items() if k in inputs}, **gates})]
+
+    base = outputs(set())
+    removed: set[int] = set()
+    for _ in range(n):
+        errs = {i: fidelity(outputs(removed | {i}), base).rel_error for i in range(len(candidates)) if i not in removed}
+        removed.add(min(errs, key=lambda i: (errs[i], i)))
+    return [candidates[i] for i in sorted(removed)]
+
+
+# ---- selection, removal and its check -----------------------------------------------------
+def select(model: ir.Model, depth: float, unit: str = "layer", method: str = "bi", feeds: list[dict] | None = None,
+           blocks: list[Block] | None = None) -> list[Block]:
+    """The units to remove: ``depth`` (a share, or a count >= 1) of the removable ``unit``s,
+    chosen by ``method`` on ``feeds`` (batches of graph inputs)."""
+    from spa.errors import UnsupportedModelError
+
+    blocks = find_blocks(model) if blocks is None else blocks
+    candidates = [u for u in units(blocks, unit) if u.removable]
+    if not candidates:
+        why = "; ".join(f"{b.key}: {b.reason}" for b in blocks[:3] if not b.removable)
+        raise UnsupportedModelError(
+            "depth pruning found no removable residual block (a branch y = x + f(x) whose nodes nothing else "
+            f"reads){': ' + why if why else ''}. `spa inspect MODEL` lists the blocks")
+    n = count(depth, len(candidates))
+    if n == 0:
+        return []
+    return score_units(model, candidates, n, method, feeds or [])
+
+
+def to_plans(blocks) -> tuple:
+    from spa.plan import BlockPlan
+
+    return tuple(BlockPlan(b.key, b.kind, b.layer, b.params) for b in blocks)
+
+
+def remove(model: ir.Model, blocks) -> ir.Model:
+    """Remove ``blocks`` (Block or BlockPlan) from a loaded model in place."""
+    from spa.errors import run_pass
+    from spa.passes.remove_blocks import RemoveBlocksPass
+
+    run_pass(RemoveBlocksPass(blocks), model, "removing residual blocks")
+    return model
+
+
+def check_removal(dense: ir.Model, shallow: ir.Model, blocks, feeds: dict) -> tuple[float, float]:
+    """Run ``shallow`` and ``dense`` with the branches of ``blocks`` zeroed on ``feeds``; they
+    must agree. Returns (max |diff|, tolerance); raises EquivalenceError otherwise."""
+    from spa import runtime
+    from spa.equivalence import _compare_shapes, _tolerance
+    from spa.errors import EquivalenceError
+    from spa.io import to_proto
+
+    _, want = runtime.run_flat(runtime.session(to_proto(gated(dense, blocks))), feeds)
+    names, got = runtime.run_flat(runtime.session(to_proto(shallow)), feeds)
+    _compare_shapes(names, got, want)
+    atol, rtol = _tolerance(want)
+    diff = max((float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))) if a.size else 0.0
+                for a, b in zip(got, want)), default=0.0)
+    scale = max((float(np.max(np.abs(w))) for w in want if w.size and np.issubdtype(w.dtype, np.number)), default=0.0)
+    tol = atol + rtol * scale
+    if not diff <= tol:
+        raise EquivalenceError(
+            f"the model without blocks {', '.join(b.key for b in blocks)} differs from the dense model with those "
+            f"branches zeroed by {diff:.3g} (tolerance {tol:.2g}); nothing was written. Report the model")
+    return diff, tol

@@ -78,8 +78,13 @@ def coverage(dg: DependencyGraph, model=None) -> Coverage:
 
 
 def inspect_dict(dg: DependencyGraph) -> dict:
+    from dataclasses import asdict
+
+    from spa.depth import find_blocks
+
     cov = coverage(dg)
     return {
+        "blocks": [asdict(b) for b in find_blocks(dg.model)],
         "parameters": {"prunable": cov.prunable, "total": cov.total, "share": round(cov.share, 6)},
         "groups": [
             {
@@ -117,7 +122,35 @@ def attention_lines(dg: DependencyGraph) -> list[str]:
     return lines
 
 
+def block_lines(blocks) -> list[str]:
+    """The residual blocks along the stream (``spa.depth.find_blocks``): one line per
+    transformer layer ('layer 3: attention sublayer, FFN sublayer'), one per other block."""
+    names = {"attention": "attention sublayer", "ffn": "FFN sublayer", "block": "residual block"}
+    lines, seen = [], set()
+    for b in blocks:
+        if b.kind == "layer":
+            continue
+        if b.layer is not None:
+            if b.layer in seen:
+                continue
+            seen.add(b.layer)
+            subs = [x for x in blocks if x.layer == b.layer and x.kind != "layer"]
+            state = next((f"not removable: {x.reason}" for x in subs if not x.removable), "removable")
+            lines.append(f"  layer {b.layer}: {', '.join(names[x.kind] for x in subs)}: {state}  "
+                         f"[{', '.join(x.key for x in subs)}; {sum(len(x.params) for x in subs)} weights]")
+        else:
+            state = "removable" if b.removable else f"not removable: {b.reason}"
+            lines.append(f"  block {b.index} ({_block_shape(b)}): {state}  [{b.key}; {len(b.params)} weights]")
+    return lines
+
+
+def _block_shape(b) -> str:
+    return {"attention": "attention", "ffn": "FFN"}.get(b.kind, f"{len(b.nodes)} nodes")
+
+
 def inspect_text(dg: DependencyGraph, show_all: bool = False) -> str:
+    from spa.depth import find_blocks
+
     cov = coverage(dg)
     out = [cov.line()]
     if cov.barriers and cov.share < 0.8:
@@ -140,6 +173,11 @@ def inspect_text(dg: DependencyGraph, show_all: bool = False) -> str:
         out.append(f"Attention layers: {len(attention)} (a unit is one KV group: its K/V heads and the query heads "
                    "that read them; head_dim is never cut)")
         out.extend(attention)
+    blocks = block_lines(find_blocks(dg.model))
+    if blocks:
+        out.append("")
+        out.append(f"Residual blocks (depth pruning units): {len(blocks)}")
+        out.extend(blocks)
     if dg.blocked_groups:
         out.append("")
         out.append(f"Blocked parameter axes: {len(dg.blocked_groups)}")

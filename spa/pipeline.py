@@ -1,6 +1,9 @@
 """``spa.prune``: a short list of named stages over one job record.
 
-    load -> graph -> statistics -> score -> allocate -> compensate -> apply -> convert -> check -> module -> write
+    load -> depth -> graph -> statistics -> score -> allocate -> compensate -> apply -> convert -> check -> module -> write
+
+Depth pruning (``depth``) removes whole residual blocks first (``spa.depth``); the graph and
+every later stage then see the shallower model, and the plan holds both.
 
 No stage names a criterion: what a criterion needs (activations, gradients) and its optional
 compensation come from its registration (``spa.criteria``). The dependency graph is built
@@ -133,6 +136,11 @@ class Job:
     notes: list = field(default_factory=list)
     target_opset: int | None = None
     allow_noop: bool = True
+    depth: float = 0.0  # share (< 1) or count (>= 1) of residual units removed
+    depth_unit: str = "layer"
+    depth_score: str = "bi"
+    deep: ir.Model | None = None  # the loaded model before depth pruning
+    blocks: tuple = ()  # BlockPlans of the removed residual units
 
 
 # ---- stages -----------------------------------------------------------------------------
@@ -148,6 +156,54 @@ def load_stage(job: Job) -> None:
         job.source = proto
     with job.progress.step("loading and canonicalizing"):
         job.model = load(job.source)
+
+
+def depth_stage(job: Job) -> None:
+    """Residual units scored on calibration (or data-free) inputs and removed from the loaded
+    model; the check: the shallower model equals the dense one with those branches zeroed."""
+    if not job.depth:
+        return
+    from spa import depth as dp
+    from spa.api import clone
+    from spa.calibration import batches
+    from spa.runtime import ModelInputs
+
+    if job.module is not None:
+        _torch_depth()
+    with job.progress.step("finding residual blocks"):
+        blocks = dp.find_blocks(job.model)
+    with job.progress.step(f"scoring residual {job.depth_unit}s ({job.depth_score})"):
+        feeds = batches(job.calibration, job.model, ModelInputs(job.model), job.calibration_batches,
+                        job.input_shapes, job.seed)
+        chosen = dp.select(job.model, job.depth, job.depth_unit, job.depth_score, feeds, blocks)
+    job.deep = clone(job.model)
+    with job.progress.step(f"removing {len(chosen)} residual {job.depth_unit}s"):
+        dp.remove(job.model, chosen)
+    job.blocks = dp.to_plans(chosen)
+    removed = ", ".join(b.key for b in chosen)
+    job.notes.append(f"depth: removed {len(chosen)} residual {job.depth_unit}s ({job.depth_score}): {removed}")
+    if job.verify and job.run and job.check_equivalence is not False:
+        from spa import equivalence as eq
+        from spa.io import model_nbytes
+
+        if job.check_equivalence or model_nbytes(job.deep) < eq.CHECK_LIMIT_BYTES:
+            with job.progress.step("checking the shallower model against the dense one with those branches zeroed"):
+                diff, tol = dp.check_removal(job.deep, job.model, chosen, _check_feeds(job.deep, job.input_shapes))
+            job.notes.append(f"depth: the shallower model equals the dense model with the removed branches zeroed "
+                             f"(max |diff| {diff:.2e}, tolerance {tol:.1e})")
+
+
+def _torch_depth():
+    """``spa.frontends.torch_depth.remove_blocks``: removes blocks from an nn.Module."""
+    from spa.errors import UnsupportedModelError
+
+    try:
+        from spa.frontends.torch_depth import remove_blocks
+    except ImportError as exc:
+        raise UnsupportedModelError("depth pruning of an nn.Module needs spa.frontends.torch_depth, which this "
+                                    "installation lacks; export the module to ONNX and prune the ONNX model with "
+                                    "depth=... instead") from exc
+    return remove_blocks
 
 
 def graph_stage(job: Job) -> None:
@@ -246,9 +302,15 @@ def compensate_stage(job: Job) -> None:
 def apply_stage(job: Job) -> None:
     from spa.api import apply_in_place
 
+    if job.blocks:
+        from dataclasses import replace
+
+        job.plan = replace(job.plan, blocks=job.blocks, meta={**job.plan.meta, "depth": job.depth,
+                                                              "depth_unit": job.depth_unit,
+                                                              "depth_score": job.depth_score})
     with job.progress.step(f"applying plan ({len(job.plan.pruned_groups)} groups pruned)"):
         apply_in_place(job.model, job.plan, graph=job.dg)
-    job.result = PruneResult(job.model, job.plan, job.dg, dense=job.dense, notes=list(job.notes))
+    job.result = PruneResult(job.model, job.plan, job.dg, dense=job.deep or job.dense, notes=list(job.notes))
 
 
 #: A prune removing less than this share of what the ratio asks for removed "almost nothing".
@@ -298,7 +360,8 @@ def convert_stage(job: Job) -> None:
 def check_stage(job: Job) -> None:
     if not job.verify:
         return
-    verify, equivalence = check_output(job.model, job.reference, job.dense, job.dg, job.plan, job.input_shapes,
+    verify, equivalence = check_output(job.model, job.reference, job.deep or job.dense, job.dg, job.plan,
+                                       job.input_shapes,
                                        job.run, job.check_equivalence, job.progress)
     job.result.verify_report, job.result.equivalence = verify, equivalence
     job.result.notes.extend(verify.notes)
@@ -314,6 +377,9 @@ def module_stage(job: Job) -> None:
 
     with job.progress.step("slicing the module"):
         job.result.module = tf.slice_module(job.module, job.dg, job.plan, job.exported, job.updates)
+    if job.plan.blocks:
+        with job.progress.step(f"removing {len(job.plan.blocks)} residual blocks from the module"):
+            job.result.module = _torch_depth()(job.result.module, job.plan.blocks, job.exported)
     if job.verify:
         with job.progress.step("verifying the module against the pruned ONNX model"):
             try:
@@ -348,7 +414,7 @@ def write_stage(job: Job) -> None:
 
 
 STAGES: tuple[tuple[str, Callable[[Job], None]], ...] = (
-    ("load", load_stage), ("graph", graph_stage), ("statistics", statistics_stage), ("score", score_stage),
+    ("load", load_stage), ("depth", depth_stage), ("graph", graph_stage), ("statistics", statistics_stage), ("score", score_stage),
     ("allocate", allocate_stage), ("compensate", compensate_stage), ("apply", apply_stage),
     ("noop", noop_stage), ("convert", convert_stage), ("check", check_stage), ("module", module_stage), ("write", write_stage),
 )
@@ -449,6 +515,9 @@ def prune(
     provider: str | None = None,
     target_opset: int | None = None,
     allow_noop: bool = True,
+    depth: float = 0.0,
+    depth_unit: str = "layer",
+    depth_score: str = "bi",
 ) -> PruneResult:
     """Prune ``model`` (a path, bytes, onnx.ModelProto, onnx_ir.Model or torch ``nn.Module``).
 
@@ -488,6 +557,15 @@ def prune(
     ``result.notes`` (what blocks the model); with ``allow_noop=False`` it raises
     :class:`~spa.errors.NoopError` instead and writes nothing.
 
+    ``depth`` removes whole residual units first (``spa.depth``): a share below 1 (0.25: a
+    quarter of the removable units, at least one) or a count >= 1; ``depth_unit`` counts
+    ``layer``s (an attention+FFN pair; the residual blocks of a model without layers) or
+    ``sublayer``s; ``depth_score`` ranks them (``bi`` block influence, ``angular`` best
+    contiguous span, ``greedy`` least output change, re-measured), on ``calibration`` inputs.
+    Width pruning (``ratio``) then runs on the shallower model; ``result.plan.blocks`` lists
+    the removed units. The check: the shallower model equals the dense model with those
+    branches zeroed, and the width check runs on top of it.
+
     ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) or ``provider`` (an installed
     onnxruntime execution provider) says where calibration, activations and the checks run;
     ``auto`` uses CUDA when a session can be created there, else the CPU (``result.device``).
@@ -517,7 +595,13 @@ def prune(
               None if kinds is None else tuple(kinds), gqa, seed, output, plan_out, report, verify, run,
               check_equivalence, input_shapes, progress, data, loss_fn, calibration, calibration_batches,
               allocation, example_inputs=example_inputs, module=module, spec=spec, target_opset=target_opset,
-              allow_noop=allow_noop)
+              allow_noop=allow_noop, depth=depth or 0.0, depth_unit=depth_unit, depth_score=depth_score)
+    from spa import depth as dp
+
+    check_choice("depth_unit", depth_unit, dp.UNITS)
+    check_choice("depth_score", depth_score, dp.SCORES)
+    if depth and depth < 0:
+        raise ArgumentError(f"depth {depth} is negative: pass a share in (0, 1) or a count >= 1")
     from spa import runtime
 
     with runtime.use_device(device, provider) as dev:

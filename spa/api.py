@@ -115,7 +115,8 @@ def apply_plan(model, plan: Plan, verify: bool = True, input_shapes: dict | None
 
     ``model`` is an ONNX model (loaded, or anything :func:`load` takes), or an ``nn.Module``
     (then ``example_inputs`` are needed to trace it, and a pruned module of the same classes is
-    returned): one plan prunes both. Verification includes the equivalence check of
+    returned): one plan prunes both. A plan with ``blocks`` removes those residual blocks first
+    (``spa.depth``), then prunes the channels of the shallower model. Verification includes the equivalence check of
     ``spa.equivalence`` (None: on where the model is small enough to run twice), run on
     ``device`` / ``provider`` (see ``spa.runtime.select_device``).
     """
@@ -130,7 +131,16 @@ def _apply_plan(model, plan, verify, input_shapes, progress, example_inputs, che
 
     if is_module(model):
         return _apply_to_module(model, plan, example_inputs, verify, progress)
-    model = loaded(model)
+    model = deep = loaded(model)
+    if plan.blocks:  # depth first: the plan's groups describe the shallower model
+        from spa import depth
+
+        with progress.step(f"removing {len(plan.blocks)} residual blocks"):
+            model = depth.remove(clone(deep), plan.blocks)
+        if verify and check_equivalence is not False:
+            from spa.pipeline import _check_feeds
+
+            depth.check_removal(deep, model, plan.blocks, _check_feeds(deep, input_shapes))
     with progress.step(f"applying plan ({len(plan.pruned_groups)} groups pruned)"):
         out = clone(model)
         dg = DependencyGraph(out)  # built once: its groups and dim facts still describe the input
@@ -138,7 +148,7 @@ def _apply_plan(model, plan, verify, input_shapes, progress, example_inputs, che
     if verify:
         from spa.pipeline import check_output
 
-        check_output(out, model, model, dg, plan, input_shapes, True, check_equivalence, progress)
+        check_output(out, model, deep, dg, plan, input_shapes, True, check_equivalence, progress)
     return out
 
 
@@ -150,8 +160,17 @@ def _apply_to_module(module, plan: Plan, example_inputs, verify: bool, progress:
     with progress.step("loading and discovering groups"):
         model = load(proto)
         dg = DependencyGraph(model)
+    if plan.blocks:
+        from spa import depth
+        from spa.pipeline import _torch_depth
+
+        remove_blocks = _torch_depth()
+        model = depth.remove(model, plan.blocks)
+        dg = DependencyGraph(model)
     with progress.step("slicing the module"):
         pruned = tf.slice_module(module, dg, plan, {i.name for i in proto.graph.initializer})
+    if plan.blocks:
+        pruned = remove_blocks(pruned, plan.blocks, {i.name for i in proto.graph.initializer})
     if verify:
         with progress.step("verifying the module against the pruned ONNX model"):
             tf.check_module(pruned, pruned_copy(model, plan), example_inputs)

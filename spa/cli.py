@@ -61,7 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("prune", help="prune a model and write a smaller one")
     pr.add_argument("model")
     pr.add_argument("-o", "--output", required=True)
-    pr.add_argument("--ratio", type=float, required=True, help="fraction of channels to remove, in [0, 1)")
+    pr.add_argument("--ratio", type=float, default=None,
+                    help="fraction of channels to remove, in [0, 1) (required unless --depth is given)")
+    pr.add_argument("--depth", type=float, default=0.0, metavar="D",
+                    help="remove whole residual units first: a share below 1 (0.25: a quarter of the removable "
+                         "units, at least one) or a count >= 1; combinable with --ratio")
+    pr.add_argument("--depth-unit", choices=("layer", "sublayer"), default="layer",
+                    help="what --depth counts: transformer layers (attention+FFN; the residual blocks of other "
+                         "models) or single sublayers (default: layer)")
+    pr.add_argument("--depth-score", choices=("bi", "angular", "greedy"), default="bi",
+                    help="how units are chosen: bi (block influence), angular (best contiguous span), greedy "
+                         "(least output change, re-measured); on --calibration inputs (default: bi)")
     pr.add_argument("--criterion", default="l1", choices=criterion_names(),
                     help="l1/l2/random/bn (weights); wanda/flap/obspa (activations: see --calibration); "
                          "taylor/snip/grasp need an nn.Module (Python API)")
@@ -146,8 +156,11 @@ def _cmd_prune(args) -> int:
     import spa
 
     prog = Progress(True)
+    if args.ratio is None and not args.depth:
+        raise ArgumentError("pass --ratio (width), --depth (residual units), or both")
     result = spa.prune(
-        args.model, args.ratio, criterion=args.criterion, reduction=args.reduction,
+        args.model, args.ratio or 0.0, depth=args.depth, depth_unit=args.depth_unit, depth_score=args.depth_score,
+        criterion=args.criterion, reduction=args.reduction,
         normalization=args.normalization, global_pruning=args.global_pruning, round_to=args.round_to,
         protect=args.protect, kinds=args.kinds, gqa=args.gqa, seed=args.seed, calibration=args.calibration,
         calibration_batches=args.calibration_batches, allocation=args.allocation, output=args.output, plan_out=args.plan_out,

@@ -63,6 +63,12 @@ class _Branch:
     out: ir.Value  # the branch output f(x), the Add's other operand
     core: tuple[ir.Node, ...]  # nodes depending on x that the branch output depends on
     shortcut: tuple[ir.Node, ...] = ()  # nodes on a projection shortcut (not removable)
+    inner: tuple[tuple[ir.Node, ir.Value], ...] = ()  # parallel branches closing earlier: (Add, output)
+
+    @property
+    def gates(self) -> tuple[tuple[ir.Node, ir.Value], ...]:
+        """(Add, branch output) pairs whose outputs, zeroed, give the model without the block."""
+        return ((self.add, self.out),) + self.inner
 
 
 # ---- discovery --------------------------------------------------------------------------
@@ -130,9 +136,34 @@ def _branches(g: _Graph) -> list[_Branch]:
                 found.append(_Branch(n, x, out, tuple(core)))
                 break
         else:
-            found.extend(_projection(g, n))
+            found.extend(_parallel(g, n, found) or _projection(g, n))
     inner = {id(m) for br in found for m in br.core}
     return [br for br in found if id(br.add) not in inner]
+
+
+def _parallel(g: _Graph, add: ir.Node, found: list[_Branch]) -> list[_Branch]:
+    """``(x + a(x)) + m(x)``: a second branch reading the stream before the first one's Add
+    (parallel attention and FFN); one block closing at the outer Add."""
+    closing = {id(br.add): br for br in found if not br.shortcut}
+    for s1, m in (add.inputs, add.inputs[::-1]):
+        first = closing.get(id(s1.producer())) if s1.producer() is not None else None
+        if first is None or _shape(s1) != _shape(add.outputs[0]):
+            continue
+        core = g.between(first.stream, m)
+        if core:
+            nodes = {id(n): n for n in (*first.core, first.add, *core)}
+            ordered = tuple(sorted(nodes.values(), key=lambda n: g.pos[id(n)]))
+            return [_Branch(add, first.stream, m, ordered, inner=((first.add, first.out),))]
+    return []
+
+
+def _sums_parallel(g: _Graph, br: _Branch) -> bool:
+    """``x + (a(x) + m(x))``: the branch output sums an attention and an FFN that both read x."""
+    p = br.out.producer()
+    if p is None or p.op_type != "Add" or len(p.inputs) != 2 or None in p.inputs:
+        return False
+    cores = [g.between(br.stream, v) for v in p.inputs]
+    return all(c and _has_weight(c) for c in cores) and sorted(_kind(c) == "attention" for c in cores) == [False, True]
 
 
 def _has_weight(nodes) -> bool:
@@ -167,7 +198,7 @@ def _kind(core) -> str:
     return "ffn" if len(weighted) >= 2 else "block"
 
 
-def _exclusive(g: _Graph, core, stop: ir.Node) -> tuple[list[ir.Node], list[str]]:
+def _exclusive(g: _Graph, core, stream: ir.Value) -> tuple[list[ir.Node], list[str]]:
     """``core`` plus the side nodes only it reads (constants, weight transposes), and the
     floating-point initializers (weights; shape constants aside) only those nodes read."""
     members = {id(m) for m in core}
@@ -178,7 +209,7 @@ def _exclusive(g: _Graph, core, stop: ir.Node) -> tuple[list[ir.Node], list[str]
         for m in list(nodes):
             for i in m.inputs:
                 p = None if i is None else i.producer()
-                if p is None or id(p) in members or id(p) not in g.pos:
+                if p is None or id(p) in members or id(p) not in g.pos or p is stream.producer():
                     continue
                 if all(o.uses() and id(o) not in g.outputs and all(id(u.node) in members for u in o.uses())
                        for o in p.outputs):
@@ -202,12 +233,13 @@ def _why_not(g: _Graph, br: _Branch) -> str | None:
         change = f"; the block changes the stream's shape {sx} -> {sy}" if sx != sy else ""
         return f"projection shortcut ({'/'.join(ops)} on the shortcut{change})"
     members = {id(m) for m in br.core}
+    closing = {id(br.out)} | {id(a.outputs[0]) for a, _ in br.inner}
     for m in br.core:
         for o in m.outputs:
             if id(o) in g.outputs:
                 return f"value '{o.name}' of the branch is a graph output"
             for u in o.uses():
-                if id(u.node) not in members and not (o is br.out and u.node is br.add):
+                if id(u.node) not in members and not (id(o) in closing and u.node is br.add):
                     return f"value '{o.name}' of the branch is also read by '{u.node.name}' outside it"
     sx, sy = _shape(br.stream), _shape(br.add.outputs[0])
     if sx is None or sy is None or sx != sy:
@@ -217,43 +249,54 @@ def _why_not(g: _Graph, br: _Branch) -> str | None:
 
 def find_blocks(model_or_dg) -> list[Block]:
     """Residual branches along the stream of a loaded model (or a DependencyGraph's model), in
-    order, then the attention+FFN pairs as ``layer`` blocks."""
+    order, then the attention+FFN pairs as ``layer`` blocks (a parallel attention+FFN block is
+    one ``layer`` block)."""
     from spa.api import loaded
 
     model = getattr(model_or_dg, "model", model_or_dg)
     model = model if isinstance(model, ir.Model) else loaded(model)
+    return _discover(model)[0]
+
+
+def _discover(model: ir.Model) -> tuple[list[Block], dict[str, tuple[_Branch, ...]]]:
     g = _Graph(model)
     branches = _branches(g)
-    kinds = [_kind(br.core) for br in branches]
+    kinds = ["layer" if br.inner or _sums_parallel(g, br) else _kind(br.core) for br in branches]
     layer_of: list[int | None] = [None] * len(branches)
     pairs = []
     layer = 0
     for i, kind in enumerate(kinds):
-        if kind == "attention" and i + 1 < len(kinds) and kinds[i + 1] == "ffn":
+        if kind == "layer":
+            layer_of[i] = layer
+            layer += 1
+        elif kind == "attention" and i + 1 < len(kinds) and kinds[i + 1] == "ffn" and layer_of[i] is None:
             layer_of[i] = layer_of[i + 1] = layer
             pairs.append((layer, i, i + 1))
             layer += 1
-    blocks = []
+    blocks, of = [], {}
     for i, (br, kind) in enumerate(zip(branches, kinds)):
-        nodes, params = _exclusive(g, br.core, br.add)
+        nodes, params = _exclusive(g, br.core, br.stream)
         why = _why_not(g, br)
-        key = f"layer{layer_of[i]}.{kind}" if layer_of[i] is not None else f"block{i}"
+        key = (f"layer{layer_of[i]}" + ("" if kind == "layer" else f".{kind}")) if layer_of[i] is not None \
+            else f"block{i}"
         blocks.append(Block(key, kind, layer_of[i], i, br.add.name, tuple(m.name for m in nodes), tuple(params),
                             why is None, why))
+        of[key] = (br,)
     for layer, i, j in pairs:
         a, f = blocks[i], blocks[j]
         why = a.reason or f.reason
         blocks.append(Block(f"layer{layer}", "layer", layer, i, f.add, a.nodes + f.nodes, a.params + f.params,
                             why is None, why))
-    return blocks
+        of[f"layer{layer}"] = (branches[i], branches[j])
+    return blocks, of
 
 
-def branches_of(model: ir.Model, blocks, found: list[Block] | None = None) -> list[tuple[ir.Node, ir.Value, ir.Value]]:
-    """(Add node, stream x, branch output) of each sublayer of ``blocks`` (Block or BlockPlan)
-    in ``model`` (``found``: its blocks, when known); a block this model does not have is refused."""
-    found = find_blocks(model) if found is None else found
+def branches_of(model: ir.Model, blocks, found=None) -> list[tuple[ir.Node, ir.Value, tuple]]:
+    """(closing Add, stream x, (Add, branch output) pairs to zero) of each sublayer of
+    ``blocks`` (Block or BlockPlan) in ``model`` (``found``: its ``_discover`` result, when
+    known); a block this model does not have is refused."""
+    found, of = _discover(model) if found is None else found
     by_key = {b.key: b for b in found}
-    nodes = {n.name: n for n in model.graph}
     out = []
     for want in blocks:
         b = by_key.get(want.key)
@@ -263,13 +306,7 @@ def branches_of(model: ir.Model, blocks, found: list[Block] | None = None) -> li
                             f"{' ...' if len(found) > 6 else ''}); was the plan made for another model?")
         if not b.removable:
             raise PlanError(f"block '{b.key}' cannot be removed: {b.reason}")
-        subs = [x for x in found if x.layer == b.layer and x.kind != "layer"] if b.kind == "layer" else [b]
-        for s in subs:
-            add = nodes[s.add]
-            members = set(s.nodes)
-            a, c = add.inputs
-            x, r = (a, c) if c.producer() is not None and c.producer().name in members else (c, a)
-            out.append((add, x, r))
+        out.extend((br.add, br.stream, br.gates) for br in of[b.key])
     return out
 
 
@@ -279,7 +316,8 @@ def gated(model: ir.Model, blocks, gates: bool = False) -> ir.Model:
     from spa.api import clone
 
     out = clone(model)
-    for k, (add, x, r) in enumerate(branches_of(out, blocks)):
+    pairs = [pair for _, _, gates in branches_of(out, blocks) for pair in gates]
+    for k, (add, r) in enumerate(pairs):
         dtype = r.dtype or ir.DataType.FLOAT
         if gates:
             g = ir.Value(name=f"spa_gate_{k}", shape=ir.Shape([]), type=ir.TensorType(dtype))
@@ -307,7 +345,8 @@ def units(blocks: list[Block], unit: str = "layer") -> list[Block]:
         paired = {b.layer for b in layers}
         rest = [b for b in blocks if b.kind != "layer" and b.layer not in paired]
         return sorted(layers + rest, key=lambda b: b.index)
-    return [b for b in blocks if b.kind != "layer"]
+    split = {b.layer for b in blocks if b.kind != "layer" and b.layer is not None}
+    return [b for b in blocks if b.kind != "layer" or b.layer not in split]  # a parallel layer stays whole
 
 
 def count(depth: float, n_units: int) -> int:
@@ -347,7 +386,7 @@ def score_units(model: ir.Model, candidates: list[Block], n: int, method: str, f
         raise ArgumentError(f"depth score '{method}' is not one of {', '.join(SCORES)}")
     if method == "greedy":
         return _greedy(model, candidates, n, feeds)
-    found = find_blocks(model)
+    found = _discover(model)
     subs = [branches_of(model, [u], found) for u in candidates]
     ends = [(s[0][1].name, s[-1][0].outputs[0].name) for s in subs]
     names = sorted({v for pair in ends for v in pair})
@@ -390,11 +429,12 @@ def _greedy(model: ir.Model, candidates: list[Block], n: int, feeds: list[dict])
     from spa.equivalence import fidelity
     from spa.io import to_proto
 
-    found = find_blocks(model)
+    found = _discover(model)
     subs = [branches_of(model, [u], found) for u in candidates]
     sess = runtime.session(to_proto(gated(model, candidates, gates=True)))
     inputs = {i.name for i in model.graph.inputs}
-    owner = [(i, (r.dtype or ir.DataType.FLOAT).numpy()) for i, s in enumerate(subs) for _, _, r in s]
+    owner = [(i, (r.dtype or ir.DataType.FLOAT).numpy()) for i, s in enumerate(subs) for _, _, gates in s
+             for _, r in gates]
 
     def outputs(removed: set[int]) -> list:
         gates = {f"spa_gate_{k}": np.asarray(0.0 if i in removed else 1.0, dt) for k, (i, dt) in enumerate(owner)}

@@ -326,3 +326,47 @@ def test_module_depth_prunes_the_module():
         got = result.module(x).logits.numpy()
     want = run(result.model, {result.model.graph.inputs[0].name: x.numpy()})[0]
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+class ParallelLayer(nn.Module):
+    """x + attn(ln(x)) + mlp(ln(x)), summed in either order."""
+
+    def __init__(self, d=16, heads=2, stream_first=True):
+        super().__init__()
+        self.ln = nn.LayerNorm(d)
+        self.qkv, self.o = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.up, self.down = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+        self.heads, self.stream_first = heads, stream_first
+
+    def forward(self, x):
+        h = self.ln(x)
+        b, t, d = x.shape
+        q, k, v = (z.reshape(b, t, self.heads, -1).transpose(1, 2) for z in self.qkv(h).chunk(3, -1))
+        a = torch.softmax(q @ k.transpose(-1, -2) / 4.0, -1) @ v
+        a = self.o(a.transpose(1, 2).reshape(b, t, d))
+        m = self.down(F.gelu(self.up(h)))
+        return (x + a) + m if self.stream_first else x + (a + m)
+
+
+class ParallelNet(nn.Module):
+    def __init__(self, stream_first=True):
+        super().__init__()
+        self.layers = nn.Sequential(*(ParallelLayer(stream_first=stream_first) for _ in range(3)))
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.layers(x))
+
+
+@pytest.mark.parametrize("stream_first", [True, False], ids=["x+a+m", "x+(a+m)"])
+def test_parallel_attention_and_ffn_is_one_layer(stream_first):
+    torch.manual_seed(0)
+    model = spa.load(export_torch(ParallelNet(stream_first).eval(), (torch.randn(1, 6, 16),)))
+    blocks = depth.find_blocks(model)
+    assert [(b.key, b.kind, b.layer, b.removable) for b in blocks] == [
+        (f"layer{i}", "layer", i, True) for i in range(3)]
+    assert any(p.endswith("layers.1.qkv.bias") for p in blocks[1].params)
+    assert any(p.endswith("layers.1.down.bias") for p in blocks[1].params)
+    assert depth.units(blocks, "sublayer") == blocks
+    _assert_removal_invariant(model, [blocks[1]])
+    assert len(depth.select(model, 1, "layer", "greedy", [feeds_for(model)])) == 1

@@ -246,6 +246,8 @@ def test_width_and_depth_in_one_plan(llama3, tmp_path):
     assert result.plan.pruned_groups and result.equivalence.checked_groups
     assert result.equivalence.max_abs_diff <= result.equivalence.tolerance
     assert result.plan.meta["depth_score"] == "greedy"
+    assert result.report()["blocks_removed"] == [{"key": result.plan.blocks[0].key, "kind": result.plan.blocks[0].kind,
+                                                  "layer": result.plan.blocks[0].layer}]
     plan = Plan.from_json(tmp_path / "p.json")
     assert plan == result.plan
     again = spa.apply_plan(llama3, plan)

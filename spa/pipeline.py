@@ -80,6 +80,7 @@ class PruneResult:
             "pruned_groups": [{"key": gp.key, "kind": groups[gp.key].kind if gp.key in groups else None,
                                "exact": groups[gp.key].exact if gp.key in groups else None,
                                "size": gp.size, "kept": len(gp.keep)} for gp in self.plan.pruned_groups],
+            "blocks_removed": [{"key": b.key, "kind": b.kind, "layer": b.layer} for b in self.plan.blocks],
             "channels_removed": sum(g.removed for g in self.plan.groups),
             "channels_total": sum(g.size for g in self.plan.groups),
             "equivalence": None if self.equivalence is None else self.equivalence.as_dict(),

@@ -238,6 +238,13 @@ def _shorten(module, path: str, removed: set[int]) -> None:
     layers = _get(module, path)
     dense = len(layers)
     kept = [i for i in range(dense) if i not in removed]
+    if any(getattr(c, a, None) == dense for c in _configs(module) for a in _LAYER_COUNTS):
+        twins = [p for p, m in module.named_modules() if isinstance(m, nn.ModuleList) and m is not layers
+                 and len(m) == dense and not hasattr(m, KEPT_ATTR)]
+        if twins:
+            raise UnsupportedModelError(
+                f"{path} and {twins[0]} both have {dense} layers, the config's layer count: shortening {path} "
+                "alone cannot say which stack the count describes; keep the layers of this model")
     for new, old in enumerate(kept):
         for m in layers[old].modules():
             for attr in _INDEX_ATTRS:
@@ -287,13 +294,17 @@ def remove_blocks(module, blocks, exported: set[str] | None = None):
     parameters and buffers only its branch uses. Raises UnsupportedModelError, naming the block
     and the module path, where the module cannot be made to compute the graph without it."""
     counted = _counted(module, exported)
+    tensors = set(_slots(module))
     swaps: dict[str, nn.Module] = {}
     shortened: dict[str, set[int]] = {}
     for block in blocks:
         if block.kind not in KINDS:
             raise UnsupportedModelError(f"block '{block.key}' has kind '{block.kind}'; known: {', '.join(KINDS)}")
-        params = set(block.params) & counted if exported is not None else set(block.params)
-        owner = module_blocks_from_names(module, params or block.params)
+        params = set(block.params) & (counted if exported is not None else tensors)  # not the export's constants
+        if not params:
+            raise UnsupportedModelError(f"block '{block.key}' names none of the module's parameters or buffers "
+                                        f"({', '.join(list(block.params)[:3])}...); was it found on another model?")
+        owner = module_blocks_from_names(module, params)
         whole = {n for n in counted if _under(n, owner)}
         if block.kind in SUBLAYER_KINDS:
             swaps.update(_replace_sublayer(module, block, params, counted, owner))

@@ -2,11 +2,14 @@
 their ModuleList, removed attention / FFN sublayers replaced by parameterless stand-ins, removed
 residual blocks skipped. Each pruned module is checked against the same dense module with that
 branch's output forced to zero by a forward hook: equal outputs, fewer parameters, the same
-greedy generation with the default KV cache, and a save / reload round trip."""
+greedy generation with the default KV cache, and a save / reload round trip.
+
+SPA_SLOW=1 also runs spa.prune(module, depth=...) end to end (exports the model; slower)."""
 
 from __future__ import annotations
 
 import copy
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -126,12 +129,20 @@ def test_llama_layers_and_sublayers(tmp_path):
     _same(loaded.eval(), pruned, ids, atol=0)
     assert torch.equal(_generate(loaded, ids), _generate(ref, ids))
 
+    path = spa.save_module(pruned, tmp_path / "llama.spa.pt")  # the dense class rebuilt, then shortened
+    rebuilt = spa.load_module(path, build=lambda: _llama(4)).eval()
+    assert rebuilt.config.num_hidden_layers == 3
+    assert [layer.self_attn.layer_idx for layer in rebuilt.model.layers] == [0, 1, 2]
+    _same(rebuilt, pruned, ids, atol=0)
+    assert torch.equal(_generate(rebuilt, ids), _generate(ref, ids))
+
 
 def test_llama_whole_layers_reload_with_auto_class(tmp_path):
     dense = _llama(4)
     ref = copy.deepcopy(dense)
-    pruned = remove_blocks(copy.deepcopy(dense), [block("layer", dense, "model.layers.0.", layer=0),
-                                                  block("layer", dense, "model.layers.2.", layer=2)])
+    layer0 = block("layer", dense, "model.layers.0.", layer=0)
+    layer0.params += ("val_12", "val_13")  # constants of the export (an epsilon, a scale): no tensors of the module
+    pruned = remove_blocks(copy.deepcopy(dense), [layer0, block("layer", dense, "model.layers.2.", layer=2)])
     skip_module(ref.model.layers[0])
     skip_module(ref.model.layers[2])
     assert len(pruned.model.layers) == 2 and pruned.config.num_hidden_layers == 2
@@ -357,3 +368,54 @@ def test_block_that_is_no_module_of_its_own_is_refused():
     gamma = SimpleNamespace(key="ffn:blocks.1", kind="ffn", layer=1, params=names(dense, "blocks.1.pw", "blocks.1.gamma"))
     with pytest.raises(UnsupportedModelError, match=r"ffn:blocks.1.*blocks.1.gamma"):
         remove_blocks(copy.deepcopy(dense), [gamma])
+
+
+class TwoStacks(nn.Module):
+    """Two layer lists as long as the config's layer count (an encoder and a decoder)."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = transformers.PretrainedConfig(num_hidden_layers=2)
+        self.encoder = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+        self.decoder = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+
+
+def test_layer_count_of_an_ambiguous_config_is_refused():
+    m = TwoStacks()
+    with pytest.raises(UnsupportedModelError, match="encoder and decoder both have 2 layers"):
+        remove_blocks(m, [block("layer", m, "encoder.1.", layer=1)])
+
+
+def test_block_of_another_model_is_refused():
+    foreign = SimpleNamespace(key="layer3", kind="layer", layer=3, params=("val_1", "encoder.layer.3.output.dense.weight"))
+    with pytest.raises(UnsupportedModelError, match="'layer3' names none of the module's parameters"):
+        remove_blocks(_net(), [foreign])
+    with pytest.raises(UnsupportedModelError, match="kind 'head'"):
+        remove_blocks(_net(), [SimpleNamespace(key="x", kind="head", layer=None, params=("head.weight",))])
+
+
+@pytest.mark.skipif(not os.environ.get("SPA_SLOW"), reason="exports and scores the model twice; SPA_SLOW=1 runs it")
+@pytest.mark.parametrize("unit", ["layer", "sublayer"])
+def test_spa_prune_with_depth_on_a_module(unit, tmp_path):
+    """The whole pipeline: blocks found in the export, removed there and from the module, the
+    module checked against the shallower ONNX model, then generation and a reload."""
+    pytest.importorskip("spa.depth")
+    dense = _llama(4)
+    ids = _ids(7)
+    result = spa.prune(dense, {"input_ids": ids}, ratio=0.0, depth=1, depth_unit=unit)
+    (removed,) = result.plan.blocks
+    pruned = result.module
+    assert _count(pruned) < _count(dense)
+    if unit == "layer":
+        assert len(pruned.model.layers) == pruned.config.num_hidden_layers == 3
+    else:
+        assert any(isinstance(m, ZeroBranch) for m in pruned.modules())
+    ref = copy.deepcopy(dense)
+    if unit == "layer":
+        skip_module(ref.model.layers[removed.layer])
+    else:
+        zero_output(getattr(ref.model.layers[removed.layer], "self_attn" if removed.kind == "attention" else "mlp"))
+    _same(pruned, ref, ids)
+    assert torch.equal(_generate(pruned, ids), _generate(ref, ids))
+    pruned.save_pretrained(tmp_path)
+    _same(spa.from_pretrained(tmp_path).eval(), pruned, ids, atol=0)

@@ -8,7 +8,8 @@ A removed block names the parameters only its branch uses. Three cases:
 * an attention or FFN sublayer (its norm and projections inside a layer whose forward still
   adds the branch to the residual): the branch's modules become parameterless stand-ins, a
   :class:`ZeroBranch` (zeros shaped like the branch output, in the tuple the caller unpacks)
-  and :class:`Skip` for the norm in front of it;
+  and :class:`Skip` for the norm in front of it; so do both branches of a layer whose norms
+  stay (a post-norm layer computes ``norm(x + f(x))``: without its branches, ``norm(norm(x))``);
 * a generic residual block (a module whose forward is ``x + f(x)``, its parameters exactly the
   module's): the module becomes :class:`Skip`.
 
@@ -211,15 +212,15 @@ def _replace_sublayer(module, block, params: set[str], counted: set[str], owner:
     return done
 
 
-def _largest_owner(module, owner: str, whole: set[str], counted: set[str]) -> tuple[str, set[str]]:
+def _largest_owner(module, owner: str, whole: set[str], counted: set[str]) -> str:
     """The outermost module holding exactly the tensors of ``owner`` (a residual block around
-    its branch ``f``: the block, not ``f``) and those tensors."""
+    its branch ``f``: the block, not ``f``); no further up than a list element."""
     while owner and not _list_element(module, owner):
         parent = owner.rpartition(".")[0]
         if {n for n in counted if _under(n, parent)} != whole:
             break
         owner = parent
-    return owner, whole
+    return owner
 
 
 def _list_element(module, owner: str):
@@ -232,19 +233,31 @@ def _list_element(module, owner: str):
 
 # whole layers ---------------------------------------------------------------------------------
 
-def _shorten(module, path: str, removed: set[int]) -> None:
-    """Delete elements of the ModuleList at ``path``, renumber the kept layers' indices, and
-    fix the config's layer count and per-layer lists."""
+def _check_shortening(module, path: str) -> None:
+    """Refuse to shorten a list whose length is the config's layer count when another list has that
+    length too, or when the layers' arithmetic depends on their index (kept from construction)."""
     layers = _get(module, path)
     dense = len(layers)
-    kept = [i for i in range(dense) if i not in removed]
     if any(getattr(c, a, None) == dense for c in _configs(module) for a in _LAYER_COUNTS):
+        if any(getattr(c, "scale_attn_by_inverse_layer_idx", False) for c in _configs(module)):
+            raise UnsupportedModelError(
+                f"the layers of {path} scale attention by their index (scale_attn_by_inverse_layer_idx): a "
+                "model rebuilt with fewer layers would scale them differently; remove sublayers instead")
         twins = [p for p, m in module.named_modules() if isinstance(m, nn.ModuleList) and m is not layers
                  and len(m) == dense and not hasattr(m, KEPT_ATTR)]
         if twins:
             raise UnsupportedModelError(
                 f"{path} and {twins[0]} both have {dense} layers, the config's layer count: shortening {path} "
                 "alone cannot say which stack the count describes; keep the layers of this model")
+
+
+def _shorten(module, path: str, removed: set[int]) -> None:
+    """Delete elements of the ModuleList at ``path``, renumber the kept layers' indices, and
+    fix the config's layer count and per-layer lists."""
+    layers = _get(module, path)
+    dense = len(layers)
+    kept = [i for i in range(dense) if i not in removed]
+    _check_shortening(module, path)
     for new, old in enumerate(kept):
         for m in layers[old].modules():
             for attr in _INDEX_ATTRS:
@@ -255,7 +268,7 @@ def _shorten(module, path: str, removed: set[int]) -> None:
     before = getattr(layers, KEPT_ATTR, list(range(dense)))
     setattr(layers, KEPT_ATTR, [before[i] for i in kept])
     setattr(layers, DENSE_ATTR, getattr(layers, DENSE_ATTR, dense))
-    _shorten_config(module, path, dense, kept)
+    _shorten_config(module, dense, kept)
 
 
 def _configs(module):
@@ -263,16 +276,12 @@ def _configs(module):
     return [c for c in (config, getattr(config, "text_config", None)) if c is not None]
 
 
-def _shorten_config(module, path: str, dense: int, kept: list[int]) -> None:
+def _shorten_config(module, dense: int, kept: list[int]) -> None:
     """`transformers` fix-ups: the layer count (and its aliases) and lists with one item per layer."""
     for config in _configs(module):
         counts = [a for a in _LAYER_COUNTS if getattr(config, a, None) == dense]
         if not counts:
             continue
-        if getattr(config, "scale_attn_by_inverse_layer_idx", False):
-            raise UnsupportedModelError(
-                f"the layers of {path} scale attention by their index (scale_attn_by_inverse_layer_idx): a "
-                "model rebuilt with fewer layers would scale them differently; remove sublayers instead")
         for attr in counts:
             setattr(config, attr, len(kept))
         for key in per_layer_keys(config, dense):
@@ -306,11 +315,12 @@ def remove_blocks(module, blocks, exported: set[str] | None = None):
                                         f"({', '.join(list(block.params)[:3])}...); was it found on another model?")
         owner = module_blocks_from_names(module, params)
         whole = {n for n in counted if _under(n, owner)}
-        if block.kind in SUBLAYER_KINDS:
+        if block.kind in SUBLAYER_KINDS or (block.kind == "layer" and not whole <= params):
+            # A post-norm layer's norms sit on the residual path: both branches go, the norms stay.
             swaps.update(_replace_sublayer(module, block, params, counted, owner))
             continue
         if whole <= params:
-            owner, whole = _largest_owner(module, owner, whole, counted)
+            owner = _largest_owner(module, owner, whole, counted)
         if not whole <= params or not owner:
             raise UnsupportedModelError(
                 f"{block.kind} '{block.key}' does not cover all of module {owner or 'the root'} "
@@ -320,6 +330,8 @@ def remove_blocks(module, blocks, exported: set[str] | None = None):
             shortened.setdefault(element[0], set()).add(element[1])
         else:
             swaps[owner] = Skip()
+    for path in shortened:
+        _check_shortening(module, path)  # before anything changes
     record = _pending_record(module)
     for path, new in swaps.items():
         _set(module, path, new)

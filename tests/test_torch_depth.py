@@ -254,20 +254,27 @@ def _bert(layers=3):
 
 
 def test_bert_post_norm_branches_leave_the_norm_of_the_residual(tmp_path):
-    dense = _bert()
+    dense = _bert(4)
     ref = copy.deepcopy(dense)
     # The branch stops before the add; the LayerNorm after it stays: the layer computes LayerNorm(x).
-    blocks = [block("attention", dense, "encoder.layer.0.attention.self.", "encoder.layer.0.attention.output.dense.",
-                    layer=0),
-              block("ffn", dense, "encoder.layer.1.intermediate.", "encoder.layer.1.output.dense.", layer=1),
-              block("layer", dense, "encoder.layer.2.", layer=2)]
+    attention = ("encoder.layer.{}.attention.self.", "encoder.layer.{}.attention.output.dense.")
+    ffn = ("encoder.layer.{}.intermediate.", "encoder.layer.{}.output.dense.")
+    blocks = [block("attention", dense, *(p.format(0) for p in attention), layer=0),
+              block("ffn", dense, *(p.format(1) for p in ffn), layer=1),
+              # Both branches of layer 2, as the export finds them: its two LayerNorms stay.
+              block("layer", dense, *(p.format(2) for p in attention + ffn), layer=2),
+              block("layer", dense, "encoder.layer.3.", layer=3)]
     pruned = remove_blocks(copy.deepcopy(dense), blocks)
-    zero_output(ref.encoder.layer[0].attention.output.dense)
-    zero_output(ref.encoder.layer[1].output.dense)
-    skip_module(ref.encoder.layer[2])
+    for mod in (ref.encoder.layer[0].attention.output.dense, ref.encoder.layer[1].output.dense,
+                ref.encoder.layer[2].attention.output.dense, ref.encoder.layer[2].output.dense):
+        zero_output(mod)
+    skip_module(ref.encoder.layer[3])
     assert isinstance(pruned.encoder.layer[0].attention.self, ZeroBranch)
     assert pruned.encoder.layer[0].attention.self.outputs == 2
-    assert len(pruned.encoder.layer) == 2 and pruned.config.num_hidden_layers == 2
+    layer2 = pruned.encoder.layer[2]
+    assert isinstance(layer2.intermediate, ZeroBranch) and isinstance(layer2.output.dense, ZeroBranch)
+    assert isinstance(layer2.output.LayerNorm, nn.LayerNorm)
+    assert len(pruned.encoder.layer) == 3 and pruned.config.num_hidden_layers == 3
     assert _count(pruned) < _count(dense)
     ids = _ids(6)
     mask = torch.ones_like(ids)
@@ -378,6 +385,17 @@ class TwoStacks(nn.Module):
         self.config = transformers.PretrainedConfig(num_hidden_layers=2)
         self.encoder = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
         self.decoder = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+
+
+def test_layers_scaled_by_their_index_are_refused():
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=32,
+                                  scale_attn_by_inverse_layer_idx=True)
+    dense = transformers.GPT2LMHeadModel(cfg).eval()
+    model = copy.deepcopy(dense)
+    with pytest.raises(UnsupportedModelError, match="transformer.h scale attention by their index"):
+        remove_blocks(model, [block("layer", model, "transformer.h.0.", layer=0),
+                              block("ffn", model, "transformer.h.1.ln_2.", "transformer.h.1.mlp.", layer=1)])
+    assert _count(model) == _count(dense) and not any(isinstance(m, ZeroBranch) for m in model.modules())
 
 
 def test_layer_count_of_an_ambiguous_config_is_refused():

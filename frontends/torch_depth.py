@@ -212,6 +212,12 @@ def _replace_sublayer(module, block, params: set[str], counted: set[str], owner:
     return done
 
 
+def _only_norms_left(module, names: set[str]) -> bool:
+    """Whether ``names`` (tensors a layer block leaves out) are all norms' (none: False)."""
+    slots = _slots(module)
+    return bool(names) and all(_is_norm(slots[n][0]) for n in names)
+
+
 def _largest_owner(module, owner: str, whole: set[str], counted: set[str]) -> str:
     """The outermost module holding exactly the tensors of ``owner`` (a residual block around
     its branch ``f``: the block, not ``f``); no further up than a list element."""
@@ -315,7 +321,7 @@ def remove_blocks(module, blocks, exported: set[str] | None = None):
                                         f"({', '.join(list(block.params)[:3])}...); was it found on another model?")
         owner = module_blocks_from_names(module, params)
         whole = {n for n in counted if _under(n, owner)}
-        if block.kind in SUBLAYER_KINDS or (block.kind == "layer" and not whole <= params):
+        if block.kind in SUBLAYER_KINDS or (block.kind == "layer" and _only_norms_left(module, whole - params)):
             # A post-norm layer's norms sit on the residual path: both branches go, the norms stay.
             swaps.update(_replace_sublayer(module, block, params, counted, owner))
             continue

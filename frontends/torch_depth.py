@@ -162,14 +162,17 @@ def _returns(mod) -> int | None:
 
 
 def _width(mod) -> int:
-    """Output width of a branch: that of its last projection (0: the input's)."""
-    width = 0
+    """Output width of a branch: that of its last projection, or 0 (the input's, so the stand-in
+    follows a later pruning of the hidden size) when the branch maps its input width to itself."""
+    widths = []
     for m in mod.modules():
         if isinstance(m, nn.Linear):
-            width = m.out_features
-        elif type(m).__name__ == "Conv1D" and isinstance(getattr(m, "nf", None), int):
-            width = m.nf
-    return width
+            widths.append((m.in_features, m.out_features))
+        elif type(m).__name__ == "Conv1D" and getattr(m, "weight", None) is not None:
+            widths.append(tuple(m.weight.shape))
+    if not widths or widths[0][0] == widths[-1][1]:
+        return 0
+    return widths[-1][1]
 
 
 def _layer_idx(mod) -> int:

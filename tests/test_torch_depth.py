@@ -437,3 +437,22 @@ def test_spa_prune_with_depth_on_a_module(unit, tmp_path):
     assert torch.equal(_generate(pruned, ids), _generate(ref, ids))
     pruned.save_pretrained(tmp_path)
     _same(spa.from_pretrained(tmp_path).eval(), pruned, ids, atol=0)
+
+
+@pytest.mark.skipif(not os.environ.get("SPA_SLOW"), reason="exports the model; SPA_SLOW=1 runs it")
+def test_depth_pruned_module_pruned_again_in_width(tmp_path):
+    """A module with stand-ins exports and width-prunes like any other (the stand-ins follow the
+    hidden size), and the merged size record reloads it."""
+    dense = _llama(3)
+    ids = _ids(8)
+    shallow = remove_blocks(copy.deepcopy(dense), [
+        block("attention", dense, "model.layers.0.input_layernorm.", "model.layers.0.self_attn.", layer=0),
+        block("layer", dense, "model.layers.2.", layer=2)])
+    result = spa.prune(shallow, {"input_ids": ids}, ratio=0.25)  # the hidden group too
+    narrow = result.module
+    assert narrow.config.hidden_size < dense.config.hidden_size and _count(narrow) < _count(shallow)
+    assert isinstance(narrow.model.layers[0].self_attn, ZeroBranch) and len(narrow.model.layers) == 2
+    narrow.save_pretrained(tmp_path)
+    loaded = spa.from_pretrained(tmp_path).eval()
+    _same(loaded, narrow, ids, atol=0)
+    assert torch.equal(_generate(loaded, ids), _generate(narrow, ids))

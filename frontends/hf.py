@@ -69,7 +69,10 @@ def size_record(pruned, original=None) -> dict:
         changed = {k: v for k, v in now.items() if old.get(k) != v}
         if changed:
             attributes[name] = changed
-    return {"shapes": shapes, "attributes": attributes}
+    from spa.frontends.torch_depth import depth_record
+
+    depth = depth_record(pruned)
+    return {"shapes": shapes, "attributes": attributes, **({"depth": depth} if depth else {})}
 
 
 def resize(module, record: dict) -> None:
@@ -77,7 +80,9 @@ def resize(module, record: dict) -> None:
     tied) and set the recorded attributes. Raises FrontendError when a name is not in it."""
     torch = _torch()
     from spa.frontends.torch import _tensor_slots, put_tensors
+    from spa.frontends.torch_depth import restore_depth
 
+    restore_depth(module, record.get("depth", {}))  # removed layers and branches first: names follow them
     owners = _tensor_slots(module)
     modules = dict(module.named_modules())
     unknown = [n for n in record.get("shapes", {}) if n not in owners]
@@ -181,8 +186,10 @@ def _merge(first: dict, second: dict) -> dict:
     attributes = {k: dict(v) for k, v in first.get("attributes", {}).items()}
     for name, attrs in second.get("attributes", {}).items():
         attributes.setdefault(name, {}).update(attrs)
-    return {"shapes": shapes, "attributes": attributes, "config": second["config"],
-            "from_config": second["from_config"]}
+    out = {"shapes": shapes, "attributes": attributes, "config": second["config"],
+           "from_config": second["from_config"]}
+    depth = second.get("depth") or first.get("depth")
+    return {**out, "depth": depth} if depth else out
 
 
 def _model_class(config, auto_class):

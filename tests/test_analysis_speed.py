@@ -248,3 +248,20 @@ def test_scores_are_reduced_once_per_weight_and_only_for_groups_read(monkeypatch
     pairs = {(m.param, m.param_axis) for g in dg.groups for m in g.params if m.role in magnitude.MAGNITUDE_ROLES}
     assert len(reads) == len(pairs) and set(reads.values()) == {1}
     assert spa.make_plan(dg, scores, 0.5).pruned_groups
+
+
+def test_groups_left_out_by_kinds_are_never_scored(exports, monkeypatch):
+    dg = spa.dependency_graph(exports["gpt2"])
+    scored = []
+    group_scores = magnitude.group_scores
+
+    def counted(group, *args, **kw):
+        scored.append(group.kind)
+        return group_scores(group, *args, **kw)
+
+    monkeypatch.setattr(magnitude, "group_scores", counted)
+    plan = spa.make_plan(dg, spa.score(dg, "l1"), 0.5, kinds=["heads", "channels"])
+    hidden = [g for g in dg.groups if g.kind == "hidden"]
+    assert hidden and "hidden" not in scored and set(scored) == {"heads", "channels"}
+    kept = {p.key: p.removed for p in plan.groups}
+    assert all(kept[g.key] == 0 for g in hidden) and plan.pruned_groups

@@ -38,11 +38,12 @@ def per_index(arr: np.ndarray, axis: int, fn: PerIndex) -> np.ndarray:
     vocabulary is gigabytes), and each row's result is the same as in one piece."""
     arr = np.asarray(arr)
     n = arr.shape[axis]
-    flat = np.moveaxis(arr, axis, 0).reshape(n, -1)
-    step = max(1, CHUNK // max(flat.shape[1], 1))
+    moved = np.moveaxis(arr, axis, 0)  # a view: a block is laid out (copied) only when converted
+    step = max(1, CHUNK // max(arr.size // max(n, 1), 1))
     if step >= n:
-        return fn(flat.astype(np.float64, copy=False))
-    return np.concatenate([fn(flat[i:i + step].astype(np.float64)) for i in range(0, n, step)])
+        return fn(moved.reshape(n, -1).astype(np.float64, copy=False))
+    return np.concatenate([fn(moved[i:i + step].reshape(min(step, n - i), -1).astype(np.float64))
+                           for i in range(0, n, step)])
 
 
 def cached_per_index(array_of: ArrayOf, fn: PerIndex, cache: dict | None = None):

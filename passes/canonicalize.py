@@ -187,12 +187,13 @@ class CanonicalizePass(ir.passes.InPlacePass):
             common.TopologicalSortPass(),
             InferShapesPass(),
             CompleteShapesPass(),
-            SymbolicShapesPass(),
-            CompleteShapesPass(),
         )
         modified = False
         for step in steps:  # one at a time, so an upstream failure names its pass
             modified |= run_pass(step, model, "canonicalization").modified
+        if run_pass(SymbolicShapesPass(), model, "canonicalization").modified:
+            modified = True  # new sizes may solve more reshapes: complete again (else nothing would change)
+            run_pass(CompleteShapesPass(), model, "canonicalization")
         if run_pass(FoldShapeReadsPass(), model, "canonicalization").modified:  # needs the shapes
             modified = True
             for step in (FoldConstantsPass(params), common.RemoveUnusedNodesPass(),

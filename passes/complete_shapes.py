@@ -68,6 +68,8 @@ def _solve_reshape(node: ir.Node) -> tuple[str, int | str] | None:
     value = num // den
     if leftover:
         value = "*".join(([str(value)] if value != 1 else []) + sorted(leftover))
+    if value == ys[unknown[0]]:
+        return None  # already solved (a fixed point: nothing to substitute)
     if ys[unknown[0]] is None:  # no symbol to replace elsewhere: fill this entry only
         dims = list(y.shape)
         dims[unknown[0]] = value if isinstance(value, int) else ir.SymbolicDim(value)
@@ -169,20 +171,34 @@ def _element_source(node: ir.Node) -> ir.Value:
 
 
 class CompleteShapesPass(ir.passes.InPlacePass):
+    """Reshape sizes solved and op shapes completed, each until nothing changes (at most 4
+    shape-inference round trips each). ``inference_runs``: ONNX inference runs of the last call."""
+
+    def __init__(self):
+        super().__init__()
+        self.inference_runs = 0
+
+    def _infer(self, model: ir.Model) -> None:
+        self.inference_runs += 1
+        ir.passes.common.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.inference_runs = 0
         modified = _complete_body_inputs(model)
+        solved_values: set[str] = set()  # every round's: a later round must not forget them
         for _ in range(4):
-            solved_values: set[str] = set()
+            solved_now: set[str] = set()
             for node in model.graph:
                 if node.op_type == "Reshape" and node.domain in ("", "ai.onnx"):
                     solved = _solve_reshape(node)
                     if solved is not None:
-                        solved_values |= _substitute(model, *solved) if solved[0] else {node.outputs[0].name}
-            if not solved_values:
+                        solved_now |= _substitute(model, *solved) if solved[0] else {node.outputs[0].name}
+            if not solved_now:
                 break
             modified = True
+            solved_values |= solved_now
             _forget_generated_symbols(model, solved_values)
-            ir.passes.common.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
+            self._infer(model)
         opsets = model_opsets(model)
         for _ in range(4):  # ops after a completed one are inferred again (a contrib op mid-graph)
             completed = False
@@ -199,5 +215,5 @@ class CompleteShapesPass(ir.passes.InPlacePass):
             if not completed:
                 break
             modified = True
-            ir.passes.common.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
+            self._infer(model)
         return ir.passes.PassResult(model, modified)

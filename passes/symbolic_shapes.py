@@ -81,6 +81,30 @@ def needs_symbolic_inference(model: ir.Model) -> bool:
     return False
 
 
+def _symbolic_shape_inference():
+    """onnxruntime's ``SymbolicShapeInference``, read from its file: importing it through
+    ``onnxruntime.tools`` runs that package's ``__init__``, which imports torch when installed
+    (seconds, and nothing of it is used here)."""
+    import importlib.util
+    import sys
+
+    name = "onnxruntime.tools.symbolic_shape_infer"
+    if name not in sys.modules:
+        ort = importlib.util.find_spec("onnxruntime")
+        path = os.path.join(os.path.dirname(ort.origin), "tools", "symbolic_shape_infer.py") if ort else ""
+        private = "spa._ort_symbolic_shape_infer"
+        if private not in sys.modules and os.path.isfile(path):
+            spec = importlib.util.spec_from_file_location(private, path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            sys.modules[private] = module
+        if private in sys.modules:
+            return sys.modules[private].SymbolicShapeInference
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    return SymbolicShapeInference
+
+
 @contextlib.contextmanager
 def _private_cwd():
     """Run in a private temporary directory: when the tool falls back to ONNX inference for an op
@@ -102,8 +126,7 @@ class SymbolicShapesPass(ir.passes.InPlacePass):
         if not needs_symbolic_inference(model):
             return ir.passes.PassResult(model, False)
         try:
-            from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
+            SymbolicShapeInference = _symbolic_shape_inference()
             proto = ir.serde.serialize_model(model)
             with _private_cwd():
                 inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=True)

@@ -152,6 +152,17 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+def summary_rows(before, after, shapes: dict | None) -> list[list[str]]:
+    """The before/after table of a prune: params and MACs of both models, and their ratios."""
+    from spa.metrics import count_macs, count_params
+
+    rows = []
+    for name, fn in (("params", count_params), ("MACs", lambda m: count_macs(m, shapes))):
+        a, b = fn(before), fn(after)  # once per model: MACs run shape inference (and onnxruntime)
+        rows.append([name, f"{a:,}", f"{b:,}", f"{b / max(a, 1):.3f}"])
+    return rows
+
+
 def _cmd_prune(args) -> int:
     import spa
 
@@ -172,13 +183,9 @@ def _cmd_prune(args) -> int:
     removed = sum(g.removed for g in result.plan.groups)
     total = sum(g.size for g in result.plan.groups)
     print(f"pruned {removed}/{total} channels in {pruned} groups -> {args.output}")
-    from spa.metrics import count_macs, count_params
     from spa.report import table
 
-    shapes = _input_shapes(args.input_shape)
-    before, after = result.dense, result.model
-    rows = [[name, f"{fn(before):,}", f"{fn(after):,}", f"{fn(after) / max(fn(before), 1):.3f}"]
-            for name, fn in (("params", count_params), ("MACs", lambda m: count_macs(m, shapes)))]
+    rows = summary_rows(result.dense, result.model, _input_shapes(args.input_shape))
     print(table(["", "before", "after", "ratio"], rows, "lrrr"))
     form = result.form()
     print(f"form: opset {form['opset']['in']} -> {form['opset']['out']}, "

@@ -10,7 +10,6 @@ import logging
 from dataclasses import dataclass, replace
 from functools import cached_property
 
-import networkx as nx
 import numpy as np
 import onnx_ir as ir
 
@@ -109,7 +108,6 @@ class DependencyGraph:
                 "the path to spa.dependency_graph), which inlines functions, folds constants and infers shapes")
         self.model = model
         self.opsets = model_opsets(model)
-        self.graph = nx.Graph()
         self.facts: dict[Dim, DimFacts] = {}
         self.fixups: list[Fixup] = []
         self.barriers: list[Barrier] = []
@@ -188,9 +186,18 @@ class DependencyGraph:
         for v in graph.outputs:
             self._block_value(v, f"graph output '{v.name}'")
         self._spread_periods()
-        self.graph.add_nodes_from(self.facts)
+
+    @cached_property
+    def graph(self):
+        """The dims as nodes and the rule edges (``edge`` attribute) of a networkx graph, built
+        when first asked for: the analysis itself finds components by union-find."""
+        import networkx as nx
+
+        g = nx.Graph()
+        g.add_nodes_from(self.facts)
         for e in self.edges:
-            self.graph.add_edge(e.src, e.dst, edge=e)
+            g.add_edge(e.src, e.dst, edge=e)
+        return g
 
     def _walk(self, graph, base: int) -> None:
         """Apply the rules to the nodes of ``graph``; a node's subgraphs first, so values inside
@@ -354,7 +361,24 @@ class DependencyGraph:
 
     @cached_property
     def _components(self) -> list[list[Dim]]:
-        comps = [sorted(c, key=self._sort_key) for c in nx.connected_components(self.graph)]
+        parent = {d: d for d in self.facts}
+
+        def root(d):
+            while parent[d] is not d:
+                parent[d] = parent[parent[d]]
+                d = parent[d]
+            return d
+
+        for e in self.edges:
+            parent.setdefault(e.src, e.src)
+            parent.setdefault(e.dst, e.dst)
+            a, b = root(e.src), root(e.dst)
+            if a is not b:
+                parent[a] = b
+        members: dict = {}
+        for d in parent:
+            members.setdefault(root(d), []).append(d)
+        comps = [sorted(c, key=self._sort_key) for c in members.values()]
         comps.sort(key=lambda c: self._sort_key(c[0]))
         return comps
 
@@ -563,6 +587,8 @@ class DependencyGraph:
 
     def explain(self, a: Dim, b: Dim) -> list[str]:
         """Why ``a`` and ``b`` are coupled: the chain of rule edges between them."""
+        import networkx as nx
+
         try:
             path = nx.shortest_path(self.graph, a, b)
         except (nx.NetworkXNoPath, nx.NodeNotFound):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import onnx
@@ -32,16 +33,34 @@ def count_params(model: ir.Model) -> int:
     return int(sum(param_elements(model).values()))
 
 
+@contextlib.contextmanager
+def _weights_left_out(model: ir.Model):
+    """Floating-point initializers stand in as external stubs while the model is serialized for
+    shape inference: their shapes are what it needs, copying their values is what costs."""
+    swapped = []
+    for g in model.graphs():
+        for v in g.initializers.values():
+            t = v.const_value
+            if t is not None and t.dtype in _FLOAT and not isinstance(t, ir.ExternalTensor):
+                v.const_value = ir.ExternalTensor("spa-shapes-only", 0, 0, t.dtype, shape=t.shape, name=t.name or "")
+                swapped.append((v, t))
+    try:
+        yield
+    finally:
+        for v, t in swapped:
+            v.const_value = t
+
+
 def _static_shapes(model: ir.Model, input_shapes: dict | None) -> dict[str, tuple[int, ...]]:
-    proto = ir.serde.serialize_model(model)
+    with _weights_left_out(model):
+        proto = ir.serde.serialize_model(model)
     for inp in proto.graph.input:
         dims = inp.type.tensor_type.shape.dim
         sym = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims]
         for d, s in zip(dims, concrete_shape(inp.name, sym, input_shapes)):
             d.Clear()
             d.dim_value = s
-    for vi in list(proto.graph.value_info):
-        proto.graph.value_info.remove(vi)
+    del proto.graph.value_info[:]
     for init in proto.graph.initializer:  # shapes only: no need to carry weights (keep shape constants)
         if init.data_type not in _FLOAT_PROTO:
             continue
@@ -66,6 +85,54 @@ def _static_shapes(model: ir.Model, input_shapes: dict | None) -> dict[str, tupl
     return shapes
 
 
+def _symbol_values(model: ir.Model, input_shapes: dict | None) -> dict[str, int]:
+    """The size each symbolic dim of the graph inputs takes in a run with ``input_shapes``
+    (a symbol given two sizes is left out)."""
+    env: dict[str, int] = {}
+    clash = set()
+    for v in model.graph.inputs:
+        if v.shape is None or v.name in model.graph.initializers:
+            continue
+        dims = [getattr(d, "value", d) for d in v.shape]
+        for d, size in zip(dims, concrete_shape(v.name, dims, input_shapes)):
+            if isinstance(d, str):
+                if env.setdefault(d, size) != size:
+                    clash.add(d)
+    return {k: n for k, n in env.items() if k not in clash}
+
+
+def _evaluated(entry, env: dict[str, int]) -> int | None:
+    """A shape entry as a number: an int, an input's symbol, or a product of those (``4*batch``)."""
+    if isinstance(entry, int):
+        return entry
+    if not isinstance(entry, str):
+        return None
+    out = 1
+    for factor in entry.split("*"):
+        factor = factor.strip()
+        if factor.isdigit():
+            out *= int(factor)
+        elif factor in env:
+            out *= env[factor]
+        else:
+            return None
+    return out
+
+
+def _symbolic_shapes(model: ir.Model, names: list[str], input_shapes: dict | None) -> dict[str, tuple[int, ...]]:
+    """Shapes of ``names`` from the symbolic shapes that loading inferred, the symbols taking
+    the graph inputs' sizes (ONNX inference with concrete inputs stops at a reshape computed
+    from ``Shape`` in exports with dynamic axes; the symbols followed it)."""
+    env = _symbol_values(model, input_shapes)
+    wanted = set(names)
+    out = {}
+    for node in model.graph:
+        for v in node.outputs:
+            if v.name in wanted and v.shape is not None:
+                dims = [_evaluated(getattr(d, "value", d), env) for d in v.shape]
+                if all(d is not None for d in dims):
+                    out[v.name] = tuple(dims)
+    return out
 
 
 def _run_shapes(model: ir.Model, names: list[str], input_shapes: dict | None) -> dict[str, tuple[int, ...]]:
@@ -90,7 +157,11 @@ def count_macs(model: ir.Model, input_shapes: dict | None = None) -> int:
     missing = [v.name for node, _ in counted for v in (node.inputs[0], node.outputs[0])
                if v is not None and v.name not in shapes]
     if missing:
-        shapes.update(_run_shapes(model, list(dict.fromkeys(missing)), input_shapes))
+        missing = list(dict.fromkeys(missing))
+        shapes.update(_symbolic_shapes(model, missing, input_shapes))
+        missing = [n for n in missing if n not in shapes]
+    if missing:  # still unknown: one onnxruntime run
+        shapes.update(_run_shapes(model, missing, input_shapes))
     total = 0
     for node, macs in counted:
         ins = [shapes.get(v.name) if v is not None else None for v in node.inputs]

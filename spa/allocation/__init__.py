@@ -83,14 +83,13 @@ def allocate(
                                 f"choose from {', '.join(sorted(GROUP_KINDS))}")
     entries: dict[str, GroupPlan] = {}
     candidates = []
-    for g in dg.groups:
-        s = scores[g.key]
-        if s is None:
-            log.info("group %s: criterion %s does not apply, kept whole", g.key, scores.criterion)
-        elif protect and is_protected(g, protect):
+    for g in dg.groups:  # protect and kinds first: scores are read (computed) only for candidates
+        if protect and is_protected(g, protect):
             log.info("group %s: protected, kept whole", g.key)
         elif kinds is not None and g.kind not in kinds:
             log.info("group %s: kind %s not selected, kept whole", g.key, g.kind)
+        elif scores[g.key] is None:
+            log.info("group %s: criterion %s does not apply, kept whole", g.key, scores.criterion)
         elif g.heads is not None and g.heads.slots > 1 and gqa != "kv":
             entries[g.key] = _within_groups(g, scores, ratio, gqa)
             continue

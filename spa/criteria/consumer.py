@@ -7,7 +7,7 @@ from typing import Callable
 
 import numpy as np
 
-from spa.criteria.magnitude import abs_sum, group_scores, real_weights, slot_scores
+from spa.criteria.magnitude import abs_sum, cached_per_index, group_scores, real_weights, slot_scores
 from spa.criteria.registry import Scores, ScoringInputs, normalize
 from spa.groups import Group
 
@@ -32,11 +32,12 @@ def consumer_scores(inputs: ScoringInputs, name: str, fn: ConsumerScore) -> Scor
     """Scores of every group by ``fn`` on its consumers; groups without one fall back to L1."""
     stats = inputs.stats
     weights = real_weights(inputs)  # integer weights dequantized (np.abs of int8 -128 wraps)
+    reduced = cached_per_index(weights, abs_sum)  # each weight reduced once for the L1 fallbacks and slots
     by_key = {}
     for g in inputs.dg.groups:
         s = fn(g, stats.consumers.get(g.key, []), weights, stats.moments)
         if s is None:
-            s = group_scores(g, weights, abs_sum, inputs.reduction, "none")
+            s = group_scores(g, weights, abs_sum, inputs.reduction, "none", reduced=reduced)
         by_key[g.key] = None if s is None else normalize(s, inputs.normalization)
-    slots = {g.key: slot_scores(g, weights) for g in inputs.dg.groups if g.heads and g.heads.slots}
+    slots = {g.key: slot_scores(g, weights, reduced=reduced) for g in inputs.dg.groups if g.heads and g.heads.slots}
     return Scores(by_key, name, slots)

@@ -9,6 +9,7 @@ Needs: ``weights`` (every criterion reads the model's initializers), ``activatio
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -27,11 +28,38 @@ def check_choice(name: str, value: str, choices) -> str:
     return value
 
 
+class LazyScores(Mapping):
+    """Group key -> ``score(group)``, computed when first read: groups a plan never looks at
+    (kinds left out, protected ones) cost nothing."""
+
+    def __init__(self, groups, score: Callable):
+        self._groups = {g.key: g for g in groups}
+        self._score = score
+        self._done: dict = {}
+
+    def __getitem__(self, key):
+        if key not in self._done:
+            self._done[key] = self._score(self._groups[key])
+        return self._done[key]
+
+    def get(self, key, default=None):
+        return self[key] if key in self._groups else default  # a KeyError while scoring is no absent key
+
+    def __contains__(self, key) -> bool:
+        return key in self._groups
+
+    def __iter__(self):
+        return iter(self._groups)
+
+    def __len__(self) -> int:
+        return len(self._groups)
+
+
 @dataclass(frozen=True, slots=True)
 class Scores:
     """Per group key: channel scores (None where the criterion does not apply)."""
 
-    by_key: dict
+    by_key: Mapping  # a dict, or LazyScores
     criterion: str
     slots: dict = field(default_factory=dict)  # GQA heads groups: scores of query-head positions
 

@@ -221,6 +221,12 @@ def allocate_stage(job: Job) -> None:
     if job.allocation in ("alpha", "owl", "obs", "sensitivity"):
         meta["allocation"] = job.allocation
     job.plan = Plan(plan.groups, meta)
+    if job.spec.compensate is not None and "activations" in job.spec.needs:
+        from spa.allocation.obs import reconstruction_note
+
+        note = reconstruction_note(job.dg, job.plan, job.stats, job.criterion)
+        if note:
+            job.notes.append(note)
 
 
 def _calibrated_ratios(job: Job, groups) -> dict:

@@ -154,3 +154,104 @@ def test_sensitivity_allocation_spares_the_sensitive_group():
 def test_allocation_choices_are_checked():
     with pytest.raises(spa.SpaError):
         spa.prune(two_branches(), ratio=0.5, allocation="nope")
+
+
+# ---- reconstruction where OBSPA used to fall back ------------------------------------------
+def _calib_error(result, feeds) -> tuple[float, float]:
+    """Output error on ``feeds`` of the reconstructed model and of the same plan without it."""
+    plain = spa.apply_plan(result.dense, result.plan)
+    return _output_error(result.dense, result.model, feeds), _output_error(result.dense, plain, feeds)
+
+
+def einsum_mlp(eq2: str, w2_shape) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    f = np.float32
+    base = rng.standard_normal((16, 8))
+    w = {"w1": (np.repeat(base, 3, axis=1) * (1 + 0.1 * rng.standard_normal((16, 24)))).astype(f),
+         "w2": rng.standard_normal(w2_shape).astype(f)}
+    nodes = [oh.make_node("Einsum", ["x", "w1"], ["h"], equation="bsd,df->bsf"), oh.make_node("Relu", ["h"], ["r"]),
+             oh.make_node("Einsum", ["r", "w2"], ["y"], equation=eq2)]
+    return _model(nodes, w, [oh.make_tensor_value_info("x", T.FLOAT, ["B", "S", 16])],
+                  [oh.make_tensor_value_info("y", T.FLOAT, None)])
+
+
+@pytest.mark.parametrize("eq2,shape", [("bsf,fo->bso", (24, 8)), ("bsf,of->bso", (8, 24)),
+                                       ("...f,hfk->...hk", (2, 24, 4))])
+def test_einsum_consumers_are_reconstructed(eq2, shape):
+    from spa.calibration.activations import consumers
+
+    model = einsum_mlp(eq2, shape)
+    dg = spa.dependency_graph(spa.load(model))
+    (g,) = dg.groups
+    assert g.key == "w1:1" and g.size == 24 and len(consumers(dg, g)) == 1
+    rng = np.random.default_rng(3)
+    cal = [{"x": rng.standard_normal((4, 6, 16)).astype(np.float32)} for _ in range(4)]
+    r = spa.prune(model, 0.5, criterion="obspa", calibration=cal)
+    assert r.equivalence.exact and count_params(r.model) < count_params(r.dense)
+    recon, plain = _calib_error(r, cal)
+    assert recon < 0.2 * plain
+    assert any("1 of 1 consumer layers" in n for n in r.notes)
+
+
+def test_einsum_with_a_second_shared_subscript_has_no_layer_view():
+    from spa.calibration.activations import consumers
+
+    model = einsum_mlp("bsf,sfo->bso", (6, 24, 8))  # s shared: a per-position weight, not one layer
+    dg = spa.dependency_graph(spa.load(model))
+    (g,) = dg.groups
+    assert consumers(dg, g) == []
+
+
+def test_grouped_and_depthwise_convs_go_whole_and_the_next_layer_is_reconstructed():
+    from helpers import build
+
+    text = """<ir_version: 9, opset_import: ["" : 18]>
+    g (float[N,3,8,8] x, float[8,3,3,3] w1, float[8,1,3,3] wd, float[8,2,3,3] wg, float[4,8,1,1] w3)
+      => (float[N,4,8,8] y)
+    { a = Conv<pads=[1,1,1,1]>(x, w1)  b = Relu(a)  c = Conv<pads=[1,1,1,1],group=8>(b, wd)  d = Relu(c)
+      e = Conv<pads=[1,1,1,1],group=4>(d, wg)  f = Relu(e)  y = Conv(f, w3) }"""
+    model = build(text)
+    dg = spa.dependency_graph(spa.load(model))
+    (g,) = dg.groups  # the conv groups of wg: 4 channels of 2
+    assert g.size == 4 and {(m.param, m.role) for m in g.params} == {("w1", "out"), ("wd", "out"), ("wg", "out"),
+                                                                     ("w3", "in")}
+    rng = np.random.default_rng(0)
+    cal = [{"x": rng.standard_normal((4, 3, 8, 8)).astype(np.float32)} for _ in range(2)]
+    r = spa.prune(model, 0.5, criterion="obspa", calibration=cal)
+    assert r.equivalence.exact
+    recon, plain = _calib_error(r, cal)
+    assert recon < plain
+    assert any("1 of 1 consumer layers" in n for n in r.notes)
+
+
+GQA = """<ir_version: 9, opset_import: ["" : 18]>
+g (float[2,6,32] x, float[32,32] wq, float[32,8] wk, float[32,8] wv, float[32,32] wo) => (float[2,6,32] y)
+{ q = MatMul(x, wq)  k = MatMul(x, wk)  v = MatMul(x, wv)
+  sq = Constant <value = int64[4] {2, 6, 8, 4}> ()  skv = Constant <value = int64[4] {2, 6, 2, 4}> ()
+  q4 = Reshape(q, sq)  k4 = Reshape(k, skv)  v4 = Reshape(v, skv)
+  qt = Transpose <perm=[0,2,1,3]> (q4)  kt = Transpose <perm=[0,2,3,1]> (k4)  vt = Transpose <perm=[0,2,1,3]> (v4)
+  one = Constant <value = int64[1] {2}> ()  ku = Unsqueeze(kt, one)  vu = Unsqueeze(vt, one)
+  ek = Constant <value = int64[5] {2, 2, 4, 4, 6}> ()  ev = Constant <value = int64[5] {2, 2, 4, 6, 4}> ()
+  ke = Expand(ku, ek)  ve = Expand(vu, ev)
+  rk = Constant <value = int64[4] {2, 8, 4, 6}> ()  rv = Constant <value = int64[4] {2, 8, 6, 4}> ()
+  kr = Reshape(ke, rk)  vr = Reshape(ve, rv)  sc = MatMul(qt, kr)  p = Softmax <axis=-1> (sc)
+  a = MatMul(p, vr)  o = Transpose <perm=[0,2,1,3]> (a)  so = Constant <value = int64[3] {2, 6, 32}> ()
+  om = Reshape(o, so)  y = MatMul(om, wo) }"""
+
+
+def test_gqa_query_head_slots_reconstruct_the_consumer():
+    from helpers import build
+
+    model = build(GQA)
+    dg = spa.dependency_graph(spa.load(model))
+    g = dg.group("wq:1")
+    assert g.kind == "heads" and g.size == 2 and g.heads.slots == 4
+    rng = np.random.default_rng(0)
+    cal = [{"x": rng.standard_normal((2, 6, 32)).astype(np.float32)} for _ in range(8)]
+    r = spa.prune(model, 0.5, criterion="obspa", kinds=["heads"], gqa="q", calibration=cal)
+    (gp,) = r.plan.pruned_groups
+    assert gp.key == "wq:1" and gp.keep == (0, 1) and len(gp.slots) == 2  # 2 of 4 query heads per K/V group
+    assert r.equivalence.exact and r.model.graph.initializers["wo"].shape == (16, 32)
+    assert any("1 of 1 consumer layers" in n for n in r.notes)
+    recon, plain = _calib_error(r, cal)
+    assert recon < 0.8 * plain

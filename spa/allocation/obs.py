@@ -41,12 +41,12 @@ def removal_costs(group, cons, weights, hs, max_remove: int, steps: int = 16,
         return None
     scale = [1.0 / _energy(layer, hs[layer.consumer.key]) if normalise == "relative" else 1.0
              for layer in layers]
-    members = _member_channels(group)
-    alive_in = [len(ch) for ch in members]
-    member_of = [[] for _ in range(group.size)]
-    for k, ch in enumerate(members):
-        for c in ch:
-            member_of[int(c)].append(k)
+    inside = np.zeros((0, group.size), dtype=bool)  # inside[k, c]: channel c feeds member k
+    for ch in _member_channels(group):
+        row = np.zeros((1, group.size), dtype=bool)
+        row[0, ch] = True
+        inside = np.vstack([inside, row])
+    alive_in = inside.sum(axis=1)
     alive = list(range(group.size))
     costs: list[float] = []
     batch = max(1, math.ceil(max_remove / steps))
@@ -55,12 +55,11 @@ def removal_costs(group, cons, weights, hs, max_remove: int, steps: int = 16,
         chosen, shares = [], []
         for i in np.argsort(single, kind="stable"):
             c = alive[i]
-            if any(alive_in[k] <= 1 for k in member_of[c]):
+            if (alive_in[inside[:, c]] <= 1).any():
                 continue  # a member's last channel stays
             chosen.append(c)
             shares.append(single[i])
-            for k in member_of[c]:
-                alive_in[k] -= 1
+            alive_in -= inside[:, c]
             if len(chosen) == min(batch, max_remove - len(costs)):
                 break
         if not chosen:
@@ -117,3 +116,35 @@ def obs_ratios(groups, stats, weights, ratio: float, max_group_ratio: float = 0.
     for i, (g, _) in enumerate(costs):
         out[g.key] = (removed[i] + 0.5) / g.size if removed[i] else 0.0
     return out
+
+
+def reconstruction_note(dg, plan, stats, criterion: str = "obspa") -> str | None:
+    """What a criterion's compensation (OBSPA's reconstruction) covers in ``plan``: consumer layers with a layer view out of all
+    the nodes reading a pruned group's channels through a weight, and the groups without one
+    (their channels scored by L1, nothing reconstructed)."""
+    if stats is None:
+        return None
+    groups = {g.key: g for g in dg.groups}
+    ops = {n.name: n.op_type for n in dg.model.graph}
+    read, seen, missed, l1 = set(), set(), {}, 0
+    for gp in plan.groups:
+        g = groups.get(gp.key)
+        if g is None or not (gp.removed or gp.slots is not None):
+            continue
+        viewed = {c.node.name for c in stats.consumers.get(gp.key, []) if c.key in stats.moments}
+        l1 += not viewed
+        for m in g.params:
+            if m.role == "in" and m.node is not None:
+                read.add(m.node)
+                if m.node in viewed:
+                    seen.add(m.node)
+                else:
+                    missed[ops.get(m.node, "?")] = missed.get(ops.get(m.node, "?"), 0) + 1
+    if not read and not l1:
+        return None
+    note = f"{criterion} compensation: {len(seen)} of {len(read)} consumer layers of the pruned groups reconstructed"
+    if missed:
+        note += "; not reconstructed: " + ", ".join(f"{n} {op}" for op, n in sorted(missed.items()))
+    if l1:
+        note += f"; {l1} pruned group(s) without a consumer layer scored by L1"
+    return note

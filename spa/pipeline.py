@@ -250,7 +250,7 @@ def _calibrated_ratios(job: Job, groups) -> dict:
         sess = runtime.session(to_proto(job.model), optimize=False)
         feeds = cal.batches(job.calibration, job.model, sess, min(job.calibration_batches, 2), job.input_shapes,
                             job.seed)[:2]  # two batches: one probe run per group and batch
-        ratios = sensitivity_ratios(job.model, groups, job.scores, feeds, job.ratio)
+        ratios = sensitivity_ratios(job.model, groups, job.scores, feeds, job.ratio, weights=job.dg.weights)
     if LAST_COST:
         job.notes.append(f"sensitivity allocation: {LAST_COST['runs']} runs over {LAST_COST['groups']} groups "
                          f"in {LAST_COST['seconds']:.1f} s")

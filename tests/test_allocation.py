@@ -143,7 +143,7 @@ def test_sensitivity_allocation_spares_the_sensitive_group():
     r = spa.prune(model, ratio=0.5, criterion="l1", allocation="sensitivity", calibration=cal)
     kept = _kept(r)
     assert kept["wa1:1"] > kept["wb1:1"]
-    assert 32 - len(kept) <= sum(32 - k for k in kept.values()) <= 32  # the target, floored per group
+    assert 32 - len(kept) <= sum(32 - k for k in kept.values()) <= 32  # the target (equal widths), floored
     assert r.equivalence.exact and r.plan.meta["allocation"] == "sensitivity"
     assert sensitivity.LAST_COST["runs"] == 2 * 3 and any("sensitivity allocation" in n for n in r.notes)
     uni = spa.prune(model, ratio=0.5, criterion="l1", calibration=cal)

@@ -7,8 +7,9 @@ columns: the masked channels contribute nothing downstream) and the model is run
 calibration inputs; the sensitivity is the relative squared error of the outputs against the
 dense run, ‖y − y₀‖² / ‖y₀‖². One onnxruntime session serves all probes: the group weights are
 graph inputs, fed dense or masked. Groups are ranked by log-sensitivity and mapped into
-``ratio ± spread`` (the more sensitive lose less), then shifted so the channels removed over
-all groups are the target share (``layerwise.fit_target``).
+``ratio ± spread`` (the more sensitive lose less), then shifted so the share removed over all
+groups, weighted by each group's parameters per channel as in the ``obs`` allocation, is the
+target (``layerwise.fit_target``): the parameter count comes out close to uniform's.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import time
 import numpy as np
 
 from spa.allocation.layerwise import _spread, fit_target
+from spa.allocation.obs import params_per_channel
 
 #: Seconds the last :func:`sensitivity_ratios` call spent and how many probe runs it made.
 LAST_COST: dict = {}
@@ -87,8 +89,9 @@ def group_sensitivities(model, groups, scores, feeds: list[dict], probe: float) 
 
 
 def sensitivity_ratios(model, groups, scores, feeds: list[dict], ratio: float, probe: float | None = None,
-                       spread: float = 0.2, cap: float = 0.9) -> dict[str, float]:
-    """Per-group ratios: more sensitive groups lose fewer channels; the size-weighted mean is ``ratio``."""
+                       spread: float = 0.2, cap: float = 0.9, weights=None) -> dict[str, float]:
+    """Per-group ratios: more sensitive groups lose fewer channels; the mean weighted by channels
+    (by parameters, with ``weights``: name -> array) is ``ratio``."""
     t0 = time.perf_counter()
     groups = [g for g in groups if scores[g.key] is not None and g.size > 1]
     if not groups:
@@ -96,7 +99,7 @@ def sensitivity_ratios(model, groups, scores, feeds: list[dict], ratio: float, p
     sens = group_sensitivities(model, groups, scores, feeds, ratio if probe is None else probe)
     metric = np.log(np.array([sens[g.key] for g in groups]) + 1e-12)
     raw = _spread(metric, ratio, min(spread, ratio, 1 - ratio), higher_keeps=True)
-    sizes = np.array([g.size for g in groups], dtype=float)
+    sizes = np.array([g.size * (1.0 if weights is None else params_per_channel(g, weights)) for g in groups])
     out = dict(zip((g.key for g in groups), fit_target(sizes, raw, ratio, cap)))
     LAST_COST.update(seconds=time.perf_counter() - t0, runs=len(feeds) * (len(groups) + 1), groups=len(groups))
     return out

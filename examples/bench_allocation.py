@@ -75,6 +75,7 @@ def main() -> None:
     ap.add_argument("--allocations", default=",".join(a[0] for a in ALLOCS),
                     help="comma-separated labels to run (default: all)")
     args = ap.parse_args()
+    ap.add_argument("--models", default="cnn,transformer,llama", help="comma-separated models to run")
     chosen = set(args.allocations.split(","))
     ALLOCS[:] = [a for a in ALLOCS if a[0] in chosen]
     ratios = [float(r) for r in args.ratios.split(",")]
@@ -87,17 +88,24 @@ def main() -> None:
         return float((_run(model, xt).argmax(-1) == yt).mean())
 
     rows = []
-    torch.manual_seed(0)
-    cnn = train(SmallCNN(), x_tr, y_tr, args.epochs)
-    proto = export(cnn, x_tr[:2])
-    print(f"[cnn] dense accuracy {acc(spa.load(proto)):.3f}")
-    rows += bench("cnn", proto, acc, [("data-free", "gaussian"), ("calibrated", calib)], ratios)
-    torch.manual_seed(0)
-    tfm = train(TinyTransformer(), x_tr, y_tr, 2 * args.epochs, lr=1e-3)
-    proto = export(tfm, x_tr[:2])
-    print(f"[transformer] dense accuracy {acc(spa.load(proto)):.3f}")
-    rows += bench("transformer", proto, acc, [("data-free", "gaussian"), ("calibrated", calib)], ratios)
+    if "cnn" in models:
+        torch.manual_seed(0)
+        cnn = train(SmallCNN(), x_tr, y_tr, args.epochs)
+        proto = export(cnn, x_tr[:2])
+        print(f"[cnn] dense accuracy {acc(spa.load(proto)):.3f}")
+        rows += bench("cnn", proto, acc, [("data-free", "gaussian"), ("calibrated", calib)], ratios)
+    if "transformer" in models:
+        torch.manual_seed(0)
+        tfm = train(TinyTransformer(), x_tr, y_tr, 2 * args.epochs, lr=1e-3)
+        proto = export(tfm, x_tr[:2])
+        print(f"[transformer] dense accuracy {acc(spa.load(proto)):.3f}")
+        rows += bench("transformer", proto, acc, [("data-free", "gaussian"), ("calibrated", calib)], ratios)
+    if "llama" in models:
+        rows += llama_rows(ratios)
+    _table(rows, ratios, t0, args.out)
 
+
+def llama_rows(ratios):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -116,10 +124,14 @@ def main() -> None:
         w = want.reshape(len(test), -1)
         return float(np.mean((got * w).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(w, axis=1))))
 
+    rows = []
     for gqa in ("kv", "q"):
         rows += bench(f"llama gqa={gqa}", proto, cosine, [("data-free", "gaussian"), ("calibrated", tok_calib)],
                       ratios, kinds=["heads", "channels"], gqa=gqa)
+    return rows
 
+
+def _table(rows, ratios, t0, out):
     lines = [f"OBSPA, no fine-tuning; {time.perf_counter() - t0:.0f} s in all. Cells: score (params left).", "",
              "| model | inputs | allocation | " + " | ".join(f"{r:.0%}" for r in ratios) + " |",
              "|---|---|---|" + "---|" * len(ratios)]
@@ -127,9 +139,9 @@ def main() -> None:
               for m, c, a, vals in rows]
     text = "\n".join(lines)
     print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
 
 
 if __name__ == "__main__":

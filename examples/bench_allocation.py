@@ -74,8 +74,9 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="also write the table as Markdown here")
     ap.add_argument("--allocations", default=",".join(a[0] for a in ALLOCS),
                     help="comma-separated labels to run (default: all)")
-    args = ap.parse_args()
     ap.add_argument("--models", default="cnn,transformer,llama", help="comma-separated models to run")
+    args = ap.parse_args()
+    models = set(args.models.split(","))
     chosen = set(args.allocations.split(","))
     ALLOCS[:] = [a for a in ALLOCS if a[0] in chosen]
     ratios = [float(r) for r in args.ratios.split(",")]

@@ -80,8 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "or a directory of .npy batches")
     pr.add_argument("--calibration-batches", type=int, default=8, metavar="N",
                     help="data-free batches to synthesize (default 8)")
-    pr.add_argument("--allocation", default="uniform", choices=("uniform", "global", "alpha", "owl"),
-                    help="per-group ratios: uniform, global ranking, alpha (weight spectrum) or owl (outliers)")
+    pr.add_argument("--allocation", default="uniform", choices=("uniform", "global", "alpha", "owl", "obs", "sensitivity"),
+                    help="per-group ratios: uniform, global ranking, alpha (weight spectrum), owl (outliers), "
+                         "obs (global OBS cost as relative output error, target in parameters) or "
+                         "sensitivity (output change with a group's weakest channels masked)")
     pr.add_argument("--reduction", default="mean", choices=REDUCTIONS, help="how member scores combine")
     pr.add_argument("--normalization", default="mean", choices=NORMALIZATIONS, help="per-group score normalization")
     pr.add_argument("--global", dest="global_pruning", action="store_true",

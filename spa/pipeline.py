@@ -28,7 +28,7 @@ from spa.errors import ArgumentError, EquivalenceError, NoopError, PlanError, Va
 from spa.plan import Plan
 from spa.progress import SILENT, Progress
 
-ALLOCATIONS = ("uniform", "global", "alpha", "owl")
+ALLOCATIONS = ("uniform", "global", "alpha", "owl", "obs", "sensitivity")
 
 
 @dataclass
@@ -256,20 +256,62 @@ def score_stage(job: Job) -> None:
 
 
 def allocate_stage(job: Job) -> None:
-    from spa.allocation import allocate, layerwise
+    """``obs`` (global OBS cost, ``spa.allocation.obs``) and ``sensitivity`` (masked-output probes,
+    ``spa.allocation.sensitivity``) read the calibration inputs; they are collected here when the
+    criterion did not need them."""
+    from spa.allocation import allocate, is_protected, layerwise
 
-    if job.allocation in ("alpha", "owl"):
+    if job.allocation in ("alpha", "owl", "obs", "sensitivity"):
         groups = [g for g in job.dg.groups if job.kinds is None or g.kind in job.kinds]
         if job.allocation == "alpha":
             job.ratios = layerwise.alpha_ratios(groups, job.dg.weights, job.ratio)
-        else:
+        elif job.allocation == "owl":
             job.ratios = layerwise.owl_ratios(groups, job.dg.weights, job.stats, ratio=job.ratio)
+        else:
+            groups = [g for g in groups if job.scores[g.key] is not None
+                      and not (job.protect and is_protected(g, job.protect))
+                      and not (g.heads is not None and g.heads.slots > 1 and job.gqa != "kv")]
+            job.ratios = _calibrated_ratios(job, groups)
     plan = allocate(job.dg, job.scores, job.ratio, job.global_pruning, job.round_to, job.protect,
                     kinds=job.kinds, gqa=job.gqa, ratios=job.ratios)
     meta = {**plan.meta, "reduction": job.reduction, "normalization": job.normalization, "seed": job.seed}
-    if job.allocation in ("alpha", "owl"):
+    if job.allocation in ("alpha", "owl", "obs", "sensitivity"):
         meta["allocation"] = job.allocation
     job.plan = Plan(plan.groups, meta)
+    if job.spec.compensate is not None and "activations" in job.spec.needs:
+        from spa.allocation.obs import reconstruction_note
+
+        note = reconstruction_note(job.dg, job.plan, job.stats, job.criterion)
+        if note:
+            job.notes.append(note)
+
+
+def _calibrated_ratios(job: Job, groups) -> dict:
+    from spa import calibration as cal
+    from spa import runtime
+    from spa.io import to_proto
+
+    if job.allocation == "obs":
+        from spa.allocation.obs import obs_ratios
+        from spa.calibration.activations import collect_stats
+
+        if job.stats is None:
+            with job.progress.step("collecting activations (obs allocation)"):
+                job.stats = collect_stats(job.model, job.dg, job.calibration, job.calibration_batches,
+                                          job.input_shapes, job.seed)
+        with job.progress.step("allocating by global OBS cost"):
+            return obs_ratios(groups, job.stats, job.dg.weights, job.ratio)
+    from spa.allocation.sensitivity import LAST_COST, sensitivity_ratios
+
+    with job.progress.step(f"probing the sensitivity of {len(groups)} groups"):
+        sess = runtime.session(to_proto(job.model), optimize=False)
+        feeds = cal.batches(job.calibration, job.model, sess, min(job.calibration_batches, 2), job.input_shapes,
+                            job.seed)[:2]  # two batches: one probe run per group and batch
+        ratios = sensitivity_ratios(job.model, groups, job.scores, feeds, job.ratio, weights=job.dg.weights)
+    if LAST_COST:
+        job.notes.append(f"sensitivity allocation: {LAST_COST['runs']} runs over {LAST_COST['groups']} groups "
+                         f"in {LAST_COST['seconds']:.1f} s")
+    return ratios
 
 
 def compensate_stage(job: Job) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-ALLOCATIONS = ("uniform", "global", "alpha", "owl")
+ALLOCATIONS = ("uniform", "global", "alpha", "owl", "obs", "sensitivity")
 
 
 def hill_alpha(w: np.ndarray) -> float:

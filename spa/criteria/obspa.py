@@ -121,6 +121,19 @@ def obs_scores(group: Group, cons, weights, hs) -> np.ndarray | None:
     return sum(layer.channel_losses(range(group.size)) for layer in layers)
 
 
+def _reconstruct_fixed(group: Group, cons, weights, hs, gp) -> dict:
+    """Consumer weights reconstructed for the plan's kept set as it is (one OBS step per layer):
+    the columns of removed K/V groups and of removed query-head slots go together."""
+    keep, slots = np.asarray(gp.keep), np.asarray(gp.slots)
+    out = {}
+    for layer in _layers(group, cons, weights, hs):
+        m = layer.consumer.member
+        gone = ~np.isin(layer.consumer.column_channels(), m.kept_indices(keep, slots))
+        layer.remove(np.flatnonzero(gone))
+        out[m.param] = layer.updated()
+    return out
+
+
 def reconstruct(dg, plan, stats, steps: int = 8) -> tuple:
     """OBSPA on every pruned group: greedy keep sets (the plan's counts) and the consumer
     weights reconstructed for exactly those sets. Returns (new plan, {initializer: array})."""
@@ -141,7 +154,11 @@ def reconstruct(dg, plan, stats, steps: int = 8) -> tuple:
     entries = []
     for gp in plan.groups:
         g = groups.get(gp.key)
-        if g is None or not gp.removed or gp.slots is not None or not cons.get(gp.key):
+        if g is None or not (gp.removed or gp.slots is not None) or not cons.get(gp.key):
+            entries.append(gp)
+            continue
+        if gp.slots is not None:  # GQA within groups: the plan's K/V groups and query-head slots
+            updates.update(_reconstruct_fixed(g, cons[gp.key], weights, hs, gp))
             entries.append(gp)
             continue
         keep, new = obs_select(g, cons[gp.key], weights, hs, len(gp.keep), steps)

@@ -101,3 +101,23 @@ def unfold(x: np.ndarray, attrs: dict, kernel: tuple[int, ...]) -> np.ndarray:
     n, c = view.shape[:2]
     order = [0] + list(range(2, 2 + r)) + [1] + list(range(2 + r, 2 + 2 * r))
     return view.transpose(order).reshape(-1, c * int(np.prod(kernel)))
+
+
+def einsum_layer(node, member) -> LayerView | None:
+    """A two-operand Einsum ``x·W`` whose constant ``W`` shares one subscript with ``x``: the last
+    of ``x``, contracted (``bsd,df->bsf``, ``...d,hdk->...hk``, ``bsd,fd->bsf``)."""
+    eq = str(attr(node, "equation", "")).replace(" ", "")
+    inputs = list(node.inputs)
+    if "->" not in eq or len(inputs) != 2 or any(v is None for v in inputs):
+        return None
+    terms, rhs = eq.split("->")[0].split(","), eq.split("->")[1]
+    w_at = [i for i, v in enumerate(inputs) if v.name == member.param and v.const_value is not None]
+    if len(terms) != 2 or len(w_at) != 1 or inputs[1 - w_at[0]].const_value is not None:
+        return None
+    wt, xt = terms[w_at[0]], terms[1 - w_at[0]].replace("...", "")
+    shared = set(wt) & set(xt)
+    if ("." in wt or len(set(wt)) != len(wt) or len(set(xt)) != len(xt) or len(shared) != 1
+            or not xt or xt[-1] not in shared or xt[-1] in rhs or wt.index(xt[-1]) != member.param_axis
+            or any(c not in rhs for c in (wt + xt).replace(xt[-1], ""))):
+        return None  # a second shared or a summed-away subscript: not one layer x·W
+    return LayerView(inputs[1 - w_at[0]].name, member.param_axis)

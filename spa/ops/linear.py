@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from spa.ops.elementwise import couple_broadcast
 from spa.ops.context import RuleContext
-from spa.ops.layers import attr, matmul_layer
+from spa.ops.layers import attr, einsum_layer, matmul_layer
 from spa.ops.registry import op
 from spa.ops.shapes import prod
 
@@ -114,7 +114,7 @@ def _einsum_terms(ctx: RuleContext, inputs) -> tuple[list[str], str]:
     return out, rhs
 
 
-@op("Einsum")
+@op("Einsum", layer=einsum_layer)
 def einsum(ctx: RuleContext) -> None:
     """Axes with the same subscript are one axis (size-1 axes broadcast). On a constant operand,
     subscripts kept in the output are its out axes and contracted ones its in axes; subscripts

@@ -190,9 +190,8 @@ class _Runner:
 
     def run(self, model: ir.Model) -> tuple[list[str], list[np.ndarray]]:
         from spa import runtime
-        from spa.io import to_proto
 
-        return runtime.run_flat(runtime.session(to_proto(model)), self.feeds)
+        return runtime.run_flat(runtime.session(model), self.feeds)
 
 
 def check(source: ir.Model, pruned: ir.Model, dg, plan, feeds: dict, dense: ir.Model | None = None,

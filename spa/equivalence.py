@@ -28,6 +28,10 @@ log = logging.getLogger("spa")
 #: Above this many bytes of weights, ``spa prune`` skips the check by default (it runs the
 #: model twice more); ``check_equivalence=True`` forces it.
 CHECK_LIMIT_BYTES = 1 << 30
+#: Above this many bytes of weights, the one onnxruntime run that checks output shapes is
+#: skipped too (onnxruntime holds every weight in memory: a second copy of the model beside
+#: SPA's streaming rewrite); the checker and strict shape inference still run, on a path.
+RUN_LIMIT_BYTES = 2 << 30
 
 
 @dataclass(frozen=True, slots=True)

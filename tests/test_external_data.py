@@ -220,3 +220,15 @@ def test_model_over_2gb(tmp_path):
     assert main(["prune", str(folder / "model.onnx"), "-o", str(out), "--ratio", "0.3"]) == 0
     onnx.checker.check_model(str(out), full_check=True)
     assert runtime.session(out).run(None, {"x": np.ones((1, 8192), np.float32)})[0].shape == (1, 8192)
+
+
+def test_run_skipped_above_the_run_limit_with_a_note(external_model, tmp_path, monkeypatch):
+    from spa import equivalence
+
+    monkeypatch.setattr(equivalence, "CHECK_LIMIT_BYTES", 1)
+    monkeypatch.setattr(equivalence, "RUN_LIMIT_BYTES", 1)
+    monkeypatch.setattr(runtime, "session", None)  # no onnxruntime session may be created
+    result = spa.prune(str(external_model), ratio=0.5, output=str(tmp_path / "o" / "p.onnx"))
+    assert result.equivalence.skipped and not result.verify_report.ran
+    assert any("not run in onnxruntime" in n and "--check-equivalence" in n for n in result.notes)
+    assert (tmp_path / "o" / "p.onnx").is_file()

@@ -111,10 +111,11 @@ def to_proto(model: ir.Model) -> onnx.ModelProto:
 
 
 class OnDemandTensor(ir.ExternalTensor):
-    """An external tensor whose ``numpy()`` reads its bytes from the file on each call (a
-    private array, freed with it) instead of keeping the file mapped: reading every weight
-    of a large model once (scoring, slicing) holds one tensor at a time, not the model.
-    Writing it copies file to file (``tofile``)."""
+    """An external tensor that keeps no mapping of its file: each ``numpy()`` maps just its
+    own bytes, read-only, and the mapping closes when the array is dropped. Pages count in
+    memory only while an array that read them lives, so reading every weight of a large
+    model once (scoring, slicing) holds one tensor at a time, not the model. Writing it
+    copies file to file (``tofile``)."""
 
     def numpy(self) -> np.ndarray:
         if self.dtype.bitwidth < 8 or self.size == 0 or self.dtype == ir.DataType.STRING:
@@ -122,11 +123,11 @@ class OnDemandTensor(ir.ExternalTensor):
         self._check_validity()
         self._check_path_containment()
         dt = np.dtype(self.dtype.numpy()).newbyteorder("<")
-        arr = np.fromfile(self.path, dtype=dt, count=self.size, offset=self.offset or 0)
-        if arr.size != self.size:
+        try:
+            return np.memmap(self.path, dtype=dt, mode="r", offset=self.offset or 0, shape=tuple(self.shape.numpy()))
+        except ValueError as exc:  # the file ends before the tensor does
             raise ValidationError(f"the external data of tensor '{self.name}' in {self.path} is truncated "
-                                  f"(expected {self.nbytes:,} bytes at offset {self.offset or 0})")
-        return arr.reshape(self.shape.numpy())
+                                  f"(expected {self.nbytes:,} bytes at offset {self.offset or 0}): {exc}") from exc
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         arr = self.numpy()

@@ -12,7 +12,8 @@ as Unsqueeze/Expand/Reshape, a SwiGLU MLP, an LM head. Input shape is static (ba
 
 Measured, each in its own process (wall time; peak RSS from /usr/bin/time -v):
 ``cat`` of the files, an ``onnx.load`` + ``onnx.save`` (external data) round trip,
-``spa inspect``, ``spa prune --ratio 0.3 --criterion l1``, optionally ``--criterion obspa``,
+``spa inspect``, ``spa prune --ratio 0.3 --criterion l1``, optionally ``--criterion obspa`` and
+``spa.prune`` from Python (``--api``: the same prune without the CLI's before/after table),
 and an onnxruntime session over the pruned file (``--run``: one run, too). It checks the free
 disk first and removes everything it wrote unless ``--keep``.
 """
@@ -160,6 +161,10 @@ ROUND_TRIP = """import onnx, sys
 m = onnx.load(sys.argv[1])
 onnx.save(m, sys.argv[2], save_as_external_data=True, all_tensors_to_one_file=True, location="rt.onnx.data")
 """
+API_PRUNE = """import sys, spa
+r = spa.prune(sys.argv[1], ratio=float(sys.argv[3]), criterion="l1", output=sys.argv[2])
+print(*r.notes, sep="\\n")
+"""
 SESSION = """import sys, time, numpy as np, onnxruntime as ort
 t = time.perf_counter(); s = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
 print(f"session {time.perf_counter() - t:.1f}s")
@@ -177,6 +182,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=16, help="tokens of the static input")
     ap.add_argument("--ratio", type=float, default=0.3)
     ap.add_argument("--obspa", action="store_true", help="also time --criterion obspa (data-free)")
+    ap.add_argument("--api", action="store_true", help="also time spa.prune from Python (no before/after table)")
     ap.add_argument("--run", action="store_true", help="run the pruned model once in onnxruntime")
     ap.add_argument("--no-round-trip", action="store_true", help="skip the onnx load+save baseline")
     ap.add_argument("--dir", default=None, help="work folder (default: a temp folder)")
@@ -213,13 +219,16 @@ def main() -> None:
         steps += [("spa_inspect", [*spa, "inspect", str(model)]),
                   ("spa_prune_l1", [*spa, "prune", str(model), "-o", str(out / "pruned.onnx"), "--ratio",
                                     str(args.ratio), "--criterion", "l1"])]
+        if args.api:
+            steps.append(("spa_prune_api", [sys.executable, "-c", API_PRUNE, str(model), str(out / "pruned_api.onnx"),
+                                            str(args.ratio)]))
         if args.obspa:
             steps.append(("spa_prune_obspa", [*spa, "prune", str(model), "-o", str(out / "pruned_obspa.onnx"),
                                               "--ratio", str(args.ratio), "--criterion", "obspa"]))
         steps.append(("ort_session_pruned", [sys.executable, "-c", SESSION, str(out / "pruned.onnx"),
                                              "1" if args.run else "0"]))
         for name, cmd in steps:
-            if name == "spa_prune_l1" and (out / "rt.onnx").exists():  # free the round trip's disk
+            if name.startswith("spa_prune") and (out / "rt.onnx").exists():  # free the round trip's disk
                 (out / "rt.onnx").unlink()
                 (out / "rt.onnx.data").unlink(missing_ok=True)
             r = measure(cmd, env)

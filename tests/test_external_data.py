@@ -232,3 +232,23 @@ def test_run_skipped_above_the_run_limit_with_a_note(external_model, tmp_path, m
     assert result.equivalence.skipped and not result.verify_report.ran
     assert any("not run in onnxruntime" in n and "--check-equivalence" in n for n in result.notes)
     assert (tmp_path / "o" / "p.onnx").is_file()
+
+
+def test_bfloat16_external_tensor_reaches_onnxruntime_by_reference(tmp_path):
+    import ml_dtypes
+
+    w = np.arange(1024, dtype=np.float32).astype(ml_dtypes.bfloat16).reshape(32, 32)
+    t = helper.make_tensor("w", TensorProto.BFLOAT16, [32, 32], w.view(np.uint16).tobytes(), raw=True)
+    g = helper.make_graph([helper.make_node("Cast", ["w"], ["y"], to=TensorProto.FLOAT)], "bf16", [],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [32, 32])], [t])
+    path = save_external(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "bf")
+    from spa.frontends.onnx import load
+
+    model = load(str(path))
+    tensor = model.graph.initializers["w"].const_value
+    assert isinstance(tensor, OnDemandTensor) and tensor.numpy().dtype == ml_dtypes.bfloat16
+    assert tensor.tobytes() == w.tobytes()
+    _, by_ref, _ = skeleton(model)
+    assert list(by_ref) == ["w"]
+    y = runtime.session(model).run(None, {})[0]
+    np.testing.assert_array_equal(y, w.astype(np.float32))

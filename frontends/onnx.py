@@ -31,7 +31,7 @@ from google.protobuf.message import Error as ProtobufError
 
 from spa.errors import FrontendError
 from spa.frontends.onnx_tail import detach, has_map, needs_detaching
-from spa.io import DETACHED_TAIL, model_nbytes, save, to_proto  # noqa: F401  (re-exported)
+from spa.io import DETACHED_TAIL, model_nbytes, read_on_demand, save, to_proto  # noqa: F401  (re-exported)
 
 #: The oldest default-domain opset SPA analyses. Models are analysed and written at their own
 #: opset: onnx.version_converter has no way back for many ops (measured with onnx 1.23: Gemm 11->10,
@@ -172,7 +172,7 @@ def _from_path(path: Path) -> ir.Model:
     model = _checked_model(proto, str(path), base_dir)
     # As onnx_ir.load does: external data is resolved against the model's own folder.
     ir.external_data.set_base_dir(model.graph, str(base_dir))
-    return model
+    return read_on_demand(model)  # weights are read when used, one tensor at a time
 
 
 # ----------------------------------------------------------------------------- proto checks

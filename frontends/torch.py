@@ -438,7 +438,6 @@ def module_outputs(module, example_inputs) -> list[np.ndarray]:
 def check_module(pruned_module, pruned_onnx, example_inputs, atol: float = 1e-4) -> None:
     """The pruned module runs and gives the outputs of the ONNX model pruned with the same plan."""
     from spa import runtime
-    from spa.io import to_proto
 
     try:
         got = module_outputs(pruned_module, example_inputs)
@@ -447,7 +446,7 @@ def check_module(pruned_module, pruned_onnx, example_inputs, atol: float = 1e-4)
             f"the pruned module does not run in eager mode: {exc}. A size written as a literal in forward() "
             "(torch.split sizes, a view shape) cannot follow pruning: compute it from tensor shapes, or keep "
             "the group whole with protect=[...]") from exc
-    sess = runtime.session(to_proto(pruned_onnx), optimize=False)
+    sess = runtime.session(pruned_onnx, optimize=False)
     feeds = _feeds(sess, example_inputs)
     want = sess.run(None, feeds)
     if len(want) != len(got):

@@ -99,6 +99,26 @@ def _rescaled(entry, old_period: int, period: int):
     return ir.SymbolicDim("*".join(([str(period)] if period != 1 else []) + list(syms))) if syms else None
 
 
+def _take(tensor: ir.TensorProtocol, cuts, name: str) -> ir.Tensor:
+    arr = tensor.numpy()
+    for axis, idx in cuts:
+        arr = np.take(arr, idx, axis=axis)
+    return ir.Tensor(np.ascontiguousarray(arr), dtype=tensor.dtype, name=name)
+
+
+def _sliced(tensor: ir.TensorProtocol, cuts, name: str) -> ir.TensorProtocol:
+    """``tensor`` with the kept indices of each (axis, kept) cut, in its dtype. A tensor read
+    from external data (or already lazy) is sliced lazily: the slice is taken from the file
+    whenever it is read (by a session, by the writer, one tensor at a time), so the apply pass
+    holds no weights in memory. An in-memory tensor is sliced now."""
+    if not isinstance(tensor, (ir.ExternalTensor, ir.LazyTensor)):
+        return _take(tensor, cuts, name)
+    dims = list(tensor.shape.numpy())
+    for axis, idx in cuts:
+        dims[axis] = int(idx.size)
+    return ir.LazyTensor(lambda: _take(tensor, cuts, name), dtype=tensor.dtype, shape=ir.Shape(dims), name=name)
+
+
 def _dtype(array: np.ndarray) -> ir.DataType:
     return ir.DataType.from_numpy(array.dtype)
 
@@ -172,9 +192,11 @@ class ApplyPlanPass(ir.passes.InPlacePass):
         others = [(node, i) for node, i in v.uses() if (node.name or f"<{node.op_type}>") not in coupled]
         if not others:
             return
-        arr = v.const_value.numpy()
+        t = v.const_value
         name = f"{v.name}_spa_kept"
-        copy = ir.Value(name=name, shape=ir.Shape(arr.shape), type=v.type, const_value=ir.tensor(arr.copy(), name=name))
+        if not isinstance(t, (ir.ExternalTensor, ir.LazyTensor)):  # read lazily: shared, never modified
+            t = ir.tensor(t.numpy().copy(), name=name)
+        copy = ir.Value(name=name, shape=ir.Shape(t.shape), type=v.type, const_value=t)
         (v.graph or dg.model.graph).register_initializer(copy)
         for node, i in others:
             node.replace_input_with(i, copy)
@@ -195,11 +217,8 @@ class ApplyPlanPass(ir.passes.InPlacePass):
                 continue
             if v.const_value is not None:
                 ApplyPlanPass._keep_for_other_readers(dg, v, coupled_by[name])
-                arr = v.const_value.numpy()
-                for axis, idx in cuts:
-                    arr = np.take(arr, idx, axis=axis)
-                v.const_value = ir.tensor(np.ascontiguousarray(arr), name=v.name)
-                v.shape = ir.Shape(arr.shape)
+                v.const_value = _sliced(v.const_value, cuts, v.name)
+                v.shape = ir.Shape(v.const_value.shape)
             elif v.shape is not None:
                 dims = list(v.shape)
                 for axis, idx in cuts:

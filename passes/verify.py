@@ -4,19 +4,16 @@ graph outputs with the same shapes as a reference model's."""
 from __future__ import annotations
 
 import logging
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import onnx
 import onnx_ir as ir
 
 from spa import runtime
 from spa.errors import ValidationError
-from spa.io import save, to_proto
+from spa.io import skeleton, skeleton_files
 
 log = logging.getLogger("spa")
-_PROTO_LIMIT = 2_000_000_000
 
 
 @dataclass(slots=True)
@@ -45,15 +42,14 @@ def _checkable(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def check_structure(model: ir.Model) -> None:
-    """onnx.checker with full (strict) shape inference; raises ValidationError."""
+    """onnx.checker with full (strict) shape inference, on a path: the model's skeleton (its
+    large weights as references to a sparse placeholder file, ``spa.io.skeleton_files``), so
+    that models of any size, with external data anywhere, are checked without copying their
+    weights. Raises ValidationError."""
+    proto, _, span = skeleton(model)
     try:
-        proto = _checkable(to_proto(model))
-        if proto.ByteSize() < _PROTO_LIMIT:
-            onnx.checker.check_model(proto, full_check=True)
-        else:
-            with tempfile.TemporaryDirectory() as tmp:
-                path = save(model, Path(tmp) / "model.onnx")
-                onnx.checker.check_model(str(path), full_check=True)
+        with skeleton_files(model, _checkable(proto), span) as path:
+            onnx.checker.check_model(str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ValidationError(f"the rewritten model is not valid ONNX: {str(exc).strip()}") from exc
 
@@ -71,7 +67,7 @@ class VerifyPass(ir.passes.PassBase):
 
 
 def _run(model: ir.Model, input_shapes, seed: int = 0):
-    sess = runtime.session(to_proto(model))
+    sess = runtime.session(model)
     feeds = runtime.random_feeds(sess, input_shapes, seed)
     names, out = runtime.run_flat(sess, feeds)
     return names, feeds, out

@@ -223,7 +223,6 @@ def bench_rows(paths: list, runs: int = 30, threads: int | None = None, input_sh
     """Params, MACs and median latency of each model, with ratios to the first."""
     import spa
     from spa import runtime
-    from spa.io import to_proto
     from spa.metrics import count_macs, count_params
 
     from spa.errors import UnsupportedModelError
@@ -233,7 +232,7 @@ def bench_rows(paths: list, runs: int = 30, threads: int | None = None, input_sh
     for path in paths:
         model = spa.load(path)
         try:
-            sess = runtime.session(to_proto(model), threads=threads)
+            sess = runtime.session(model, threads=threads)
             if feeds is None or set(feeds) != {i.name for i in sess.get_inputs()}:
                 feeds = runtime.random_feeds(sess, input_shapes)
             latency = runtime.latency_ms(sess, feeds, runs=runs)

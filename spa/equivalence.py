@@ -28,6 +28,10 @@ log = logging.getLogger("spa")
 #: Above this many bytes of weights, ``spa prune`` skips the check by default (it runs the
 #: model twice more); ``check_equivalence=True`` forces it.
 CHECK_LIMIT_BYTES = 1 << 30
+#: Above this many bytes of weights, the one onnxruntime run that checks output shapes is
+#: skipped too (onnxruntime holds every weight in memory: a second copy of the model beside
+#: SPA's streaming rewrite); the checker and strict shape inference still run, on a path.
+RUN_LIMIT_BYTES = 2 << 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,9 +194,8 @@ class _Runner:
 
     def run(self, model: ir.Model) -> tuple[list[str], list[np.ndarray]]:
         from spa import runtime
-        from spa.io import to_proto
 
-        return runtime.run_flat(runtime.session(to_proto(model)), self.feeds)
+        return runtime.run_flat(runtime.session(model), self.feeds)
 
 
 def check(source: ir.Model, pruned: ir.Model, dg, plan, feeds: dict, dense: ir.Model | None = None,

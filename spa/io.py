@@ -7,6 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -107,6 +108,108 @@ def to_proto(model: ir.Model) -> onnx.ModelProto:
     if proto.ByteSize() > _INLINE_LIMIT:  # the inlined weights pushed it over: keep the references
         return ir.serde.serialize_model(model)
     return proto
+
+
+class OnDemandTensor(ir.ExternalTensor):
+    """An external tensor that keeps no mapping of its file: each ``numpy()`` maps just its
+    own bytes, read-only, and the mapping closes when the array is dropped. Pages count in
+    memory only while an array that read them lives, so reading every weight of a large
+    model once (scoring, slicing) holds one tensor at a time, not the model. Writing it
+    copies file to file (``tofile``)."""
+
+    def numpy(self) -> np.ndarray:
+        if self.dtype.bitwidth < 8 or self.size == 0 or self.dtype == ir.DataType.STRING:
+            return super().numpy()  # packed sub-byte types: onnx-ir unpacks them
+        self._check_validity()
+        self._check_path_containment()
+        dt = np.dtype(self.dtype.numpy()).newbyteorder("<")
+        try:
+            return np.memmap(self.path, dtype=dt, mode="r", offset=self.offset or 0, shape=tuple(self.shape.numpy()))
+        except ValueError as exc:  # the file ends before the tensor does
+            raise ValidationError(f"the external data of tensor '{self.name}' in {self.path} is truncated "
+                                  f"(expected {self.nbytes:,} bytes at offset {self.offset or 0}): {exc}") from exc
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        arr = self.numpy()
+        return arr if dtype is None else arr.astype(dtype)
+
+    def tobytes(self) -> bytes:
+        if self.dtype.bitwidth < 8:
+            return super().tobytes()
+        self._check_validity()
+        self._check_path_containment()
+        with open(self.path, "rb") as f:
+            f.seek(self.offset or 0)
+            return f.read(self.length or self.nbytes)
+
+
+def read_on_demand(model: ir.Model) -> ir.Model:
+    """Replace the model's external tensors by :class:`OnDemandTensor` (same file, offset,
+    length); nothing is read. Returns ``model``."""
+    for graph in model.graphs():
+        for v in graph.initializers.values():
+            t = v.const_value
+            if type(t) is ir.ExternalTensor:
+                v.const_value = OnDemandTensor(t.location, t.offset, t.length, t.dtype, shape=t.shape, name=t.name,
+                                               doc_string=t.doc_string, metadata_props=t.metadata_props,
+                                               base_dir=t.base_dir)
+    return model
+
+
+#: Initializers at least this large are handed to checks and sessions by reference
+#: (:func:`skeleton`), never serialized into protobuf.
+BY_REFERENCE_BYTES = 1024
+#: The placeholder file a skeleton's references name (offsets in order, never read).
+REFERENCE_FILE = "spa.weights"
+_BY_REFERENCE_TYPES = frozenset({
+    ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE, ir.DataType.INT8,
+    ir.DataType.UINT8, ir.DataType.INT16, ir.DataType.UINT16, ir.DataType.INT32, ir.DataType.UINT32,
+    ir.DataType.INT64, ir.DataType.UINT64, ir.DataType.BOOL})
+
+
+def skeleton(model: ir.Model) -> tuple[onnx.ModelProto, dict[str, ir.TensorProtocol], int]:
+    """The model as a small ModelProto: its large main-graph initializers become external
+    references (to :data:`REFERENCE_FILE`, laid out in order) instead of data; also those
+    tensors by name, and the bytes they span. Nothing is read or copied; ``model`` is
+    unchanged. Sessions get the tensors as external initializers, the checker a sparse
+    placeholder file (``skeleton_files``)."""
+    listed = {v.name for v in model.graph.inputs}
+    by_ref = [v for v in model.graph.initializers.values()
+              if v.const_value is not None and v.name not in listed and v.const_value.dtype in _BY_REFERENCE_TYPES
+              and v.const_value.nbytes >= BY_REFERENCE_BYTES]
+    chosen = {id(v) for v in by_ref}
+    inline = [v for v in _external_initializers(model) if id(v) not in chosen]  # small: read into the proto
+    changed = by_ref + inline
+    saved = [v.const_value for v in changed]
+    offset = 0
+    try:
+        for v, t in zip(by_ref, saved):
+            v.const_value = ir.ExternalTensor(REFERENCE_FILE, offset, t.nbytes, t.dtype, shape=t.shape, name=v.name,
+                                              base_dir="")
+            offset += t.nbytes
+        for v, t in zip(inline, saved[len(by_ref):]):
+            v.const_value = ir.Tensor(t.numpy(), dtype=t.dtype, name=t.name)
+        proto = ir.serde.serialize_model(model)
+    finally:
+        for v, t in zip(changed, saved):
+            v.const_value = t
+    return proto, {v.name: t for v, t in zip(by_ref, saved)}, offset
+
+
+@contextlib.contextmanager
+def skeleton_files(model: ir.Model, proto: onnx.ModelProto | None = None, span: int = 0):
+    """Within the block, the path of the model's :func:`skeleton` written in a temp folder
+    with a sparse placeholder weights file (no disk blocks, nothing copied): what
+    onnx.checker and shape inference need to check a model of any size from a path."""
+    if proto is None:
+        proto, _, span = skeleton(model)
+    with tempfile.TemporaryDirectory(prefix="spa-check-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        with open(Path(tmp) / REFERENCE_FILE, "wb") as f:
+            f.truncate(span)
+        with open(path, "wb") as f:
+            f.write(proto.SerializeToString())
+        yield path
 
 
 def model_nbytes(model: ir.Model) -> int:

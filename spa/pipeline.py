@@ -497,6 +497,11 @@ def check_output(pruned: ir.Model, reference: ir.Model, dense: ir.Model, dg: Dep
         why = ("turned off" if check_equivalence is False else
                f"the model holds {size / 2**30:.1f} GiB of weights (over {eq.CHECK_LIMIT_BYTES / 2**30:.0f} GiB); "
                "pass --check-equivalence to run it anyway")
+        if check_equivalence is None and size >= eq.RUN_LIMIT_BYTES:
+            report.notes.append(f"not run in onnxruntime: the model holds {size / 2**30:.2f} GiB of weights (over "
+                                f"{eq.RUN_LIMIT_BYTES / 2**30:.0f} GiB; checked by onnx.checker and strict shape "
+                                "inference only); pass --check-equivalence to run the check anyway")
+            return report, eq.EquivalenceReport(skipped=why)
         with progress.step("verifying (onnxruntime run, output shapes)"):
             try:
                 report = verify(pruned, reference, input_shapes, run=True)

@@ -190,8 +190,7 @@ def providers() -> list:
     return list(current_device().providers)
 
 
-def session(model, threads: int | None = None, optimize: bool = True):
-    """An InferenceSession from a path, bytes or ModelProto, on the current device."""
+def _options(threads: int | None, optimize: bool):
     rt = ort()
     opts = rt.SessionOptions()
     opts.log_severity_level = 3
@@ -199,24 +198,64 @@ def session(model, threads: int | None = None, optimize: bool = True):
         opts.intra_op_num_threads = threads
     if not optimize:
         opts.graph_optimization_level = rt.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return opts
+
+
+def _ort_value(tensor):
+    """An OrtValue over the tensor's array (no copy where the array is contiguous); dtypes
+    numpy lacks (bfloat16, float8) travel as their bits with the ONNX type named."""
+    rt = ort()
+    arr = np.ascontiguousarray(tensor.numpy())
+    if arr.dtype.type in _NP_NATIVE:
+        return rt.OrtValue.ortvalue_from_numpy(arr)
+    bits = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[arr.dtype.itemsize]
+    return rt.OrtValue.ortvalue_from_numpy_with_onnx_type(arr.view(bits), int(tensor.dtype))
+
+
+_NP_NATIVE = frozenset({np.float32, np.float64, np.float16, np.int8, np.uint8, np.int16, np.uint16, np.int32,
+                        np.uint32, np.int64, np.uint64, np.bool_})
+
+
+def _model_session(model, threads: int | None, optimize: bool, extra_outputs=()):
+    """A session over an onnx_ir.Model that never serializes its weights: the graph goes to
+    onnxruntime as a small proto (``spa.io.skeleton``), each large initializer as an external
+    initializer over its array (memory-mapped or computed, not copied into protobuf). Works
+    for models over 2 GB and for external data in any folder."""
+    import onnx
+
+    from spa.io import skeleton
+
+    proto, tensors, _ = skeleton(model)
+    known = {o.name for o in proto.graph.output}
+    for name in extra_outputs:
+        if name not in known:
+            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    opts = _options(threads, optimize)
+    values = [_ort_value(t) for t in tensors.values()]
+    if values:
+        opts.add_external_initializers(list(tensors), values)
+    sess = ort().InferenceSession(proto.SerializeToString(), opts, providers=providers())
+    sess._spa_weights = values  # the arrays onnxruntime reads stay alive with the session
+    return sess
+
+
+def session(model, threads: int | None = None, optimize: bool = True):
+    """An InferenceSession from an onnx_ir.Model (weights by reference, any size), a path
+    (its external data beside it), bytes or a ModelProto, on the current device."""
+    import onnx_ir as ir
+
+    if isinstance(model, ir.Model):
+        return _model_session(model, threads, optimize)
+    opts = _options(threads, optimize)
     if hasattr(model, "SerializeToString"):
         model = model.SerializeToString()
-    return rt.InferenceSession(model if isinstance(model, bytes) else str(model), opts, providers=providers())
+    return ort().InferenceSession(model if isinstance(model, bytes) else str(model), opts, providers=providers())
 
 
 def session_exposing(model, names, optimize: bool = False):
     """A session over ``model`` (an onnx_ir.Model) whose outputs also include the intermediate
     values ``names``, to read activations or shapes off a run."""
-    import onnx
-
-    from spa.io import to_proto
-
-    proto = to_proto(model)
-    known = {o.name for o in proto.graph.output}
-    for name in names:
-        if name not in known:
-            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    return session(proto, optimize=optimize)
+    return _model_session(model, None, optimize, names)
 
 
 class _Arg:

@@ -106,10 +106,13 @@ def real_weights(inputs: ScoringInputs) -> ArrayOf:
     """Parameter values as real numbers: an integer weight dequantized ((q - zero point) × scale)."""
     def array_of(name: str) -> np.ndarray:
         key = ("real", name)
-        if key not in inputs._cache:
-            real = real_weight(inputs.dg.values[name])
-            inputs._cache[key] = inputs.weights(name) if real is None else real
-        return inputs._cache[key]
+        if key in inputs._cache:
+            return inputs._cache[key]
+        real = real_weight(inputs.dg.values[name])
+        if real is None:
+            return inputs.weights(name)
+        inputs._cache[key] = real  # dequantized: small integer weights
+        return real
     return array_of
 
 

@@ -67,6 +67,10 @@ class Scores:
         return self.by_key.get(key)
 
 
+#: Weights up to this size are cached between reads while scoring.
+CACHE_BYTES = 16 << 20
+
+
 @dataclass(slots=True)
 class ScoringInputs:
     """What a criterion may read: the graph, and the optional statistics its needs ask for."""
@@ -80,9 +84,14 @@ class ScoringInputs:
     _cache: dict = field(default_factory=dict)
 
     def weights(self, name: str) -> np.ndarray:
-        if name not in self._cache:
-            self._cache[name] = self.dg.weights(name)
-        return self._cache[name]
+        """A parameter's values; small ones are kept for the next read, large ones (read on
+        demand from their file) are not, so scoring a large model never holds all its weights."""
+        if name in self._cache:
+            return self._cache[name]
+        arr = self.dg.weights(name)
+        if arr.nbytes <= CACHE_BYTES:
+            self._cache[name] = arr
+        return arr
 
 
 #: (dg, plan, stats) -> (plan, {initializer: new full-size array}): weights changed to make up

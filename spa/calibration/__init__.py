@@ -10,8 +10,8 @@ A source is one of:
     frequent, as tokenizers order their vocabularies), a full attention mask, zero token types;
   * ``"lm-sample"`` (data-free, language models): text the model writes itself from its logits
     over the vocabulary (left to right for a causal LM, resampled rounds for a masked LM);
-  * ``"model"`` (data-free): ``lm-sample`` where the model has logits over its token ids, else
-    ``zipf`` where it reads token ids, else ``gaussian`` (``spa.calibration.synth``);
+  * ``"model"`` (data-free): the best measured source for the model's kind: ``zipf`` where it
+    reads token ids, else ``gaussian`` (``spa.calibration.synth``);
   * ``"bn"`` (data-free, nn.Module with BatchNorm): inputs optimized so every BatchNorm layer
     sees batch statistics equal to its running statistics (``spa.frontends.bn_inputs``);
   * a numpy array (one batch of the first input) or a list of them (several batches);

@@ -8,8 +8,9 @@
     model (a later token changes no earlier logit) samples left to right from a Zipf-drawn first
     token, one run per position; a bidirectional one (a masked LM) starts from ``zipf`` ids and
     resamples every position from its own predictions a few rounds;
-  * ``model``: ``lm-sample`` where the model has such logits, else ``zipf`` where it reads token
-    ids, else the role-aware Gaussian default.
+  * ``model``: the best measured source for the model's kind (docs/quality.md): ``zipf`` where
+    it reads token ids (it beat ``lm-sample`` on a causal LM trained on real text), else the
+    role-aware Gaussian default.
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ def synthesize_text(source: str, model, sess, template: Iterator[dict], seed: in
     if found is None:
         return None
     ids, vocab = found
-    out = logits_output(sess, vocab) if source in ("lm-sample", "model") else None
+    out = logits_output(sess, vocab) if source == "lm-sample" else None
     if out is not None:
         return lm_sample(model, sess, template, ids, vocab, out, rng)
     if source == "lm-sample":

@@ -4,7 +4,11 @@ channels removed (10-70%), per criterion, on
   * a small CNN trained here on scikit-learn's digits (accuracy);
   * a small transformer trained here on digits, rows as tokens (accuracy; heads + FFN + hidden);
   * a random-init LLaMA-style model from a `transformers` config (fidelity: cosine similarity of
-    the pruned model's logits to the dense model's, on held-out random tokens).
+    the pruned model's logits to the dense model's, on held-out random tokens);
+  * text (``text_common``): a BERT-like masked LM and a LLaMA-like causal LM trained here on the
+    standard library's docstrings (masked-token / next-token accuracy on held-out sentences, and
+    the logit cosine to the dense model), with every data-free source (gaussian, zipf,
+    lm-sample) against calibration on held-out training sentences.
 
 Criteria: L1 magnitude, Taylor (gradients on training batches; for the LLaMA the dense model's
 own predictions are the labels), Wanda-style, FLAP (with bias compensation), OBSPA data-free
@@ -14,6 +18,7 @@ tokens).
 Writes a PNG plot and a Markdown table.
 
     python examples/bench_quality.py [--out docs/quality] [--ratios 0.1,0.2,...] [--epochs 15]
+        [--only cnn,transformer,llama,text] [--text-ratios 0.2,0.3,0.5] [--criteria L1,OBSPA]
 """
 
 from __future__ import annotations
@@ -138,52 +143,135 @@ def llama_fidelity(ratios, seq=16):
     return 1.0, rows
 
 
+TEXT_CRITERIA = [("L1", "l1", None), ("Taylor", "taylor", None), ("Wanda", "wanda", "calib"),
+                 ("FLAP", "flap", "calib"), ("OBSPA data-free, gaussian", "obspa", "gaussian"),
+                 ("OBSPA data-free, zipf", "obspa", "zipf"), ("OBSPA data-free, lm-sample", "obspa", "lm-sample"),
+                 ("OBSPA calibrated", "obspa", "calib")]
+
+
+def text_quality(kind, ratios, wanted=None):
+    """One trained text model (``mlm`` or ``clm``) pruned by every criterion: rows of
+    (task metric, logit cosine to the dense model) per ratio."""
+    import text_common as tc
+
+    corpus = tc.Corpus()
+    model = tc.trained(kind, corpus)
+    ids = corpus.test if kind == "clm" else tc.masked_test(corpus)[0]
+    mask = tc.Corpus.mask_of(corpus.test)
+    dense_logits = tc._logits(model, ids, mask)
+
+    def metric(m):
+        return tc.mlm_accuracy(m, corpus) if kind == "mlm" else tc.next_token(m, corpus)[0]
+
+    calib = corpus.calibration()
+    rng = torch.Generator().manual_seed(0)
+
+    def loss_fn(m, batch):
+        x, mask_ = batch
+        if kind == "mlm":
+            x, labels = tc._mlm_batch(x, rng)
+        else:
+            labels = torch.where(mask_.bool(), x, torch.full_like(x, -100))
+        return m(input_ids=x, attention_mask=mask_, labels=labels).loss
+
+    grad_data = [(torch.as_tensor(b["input_ids"]), torch.as_tensor(b["attention_mask"])) for b in calib[:4]]
+    example = {"input_ids": torch.as_tensor(calib[0]["input_ids"][:2]),
+               "attention_mask": torch.as_tensor(calib[0]["attention_mask"][:2])}
+    rows = {}
+    for label, crit, cal in TEXT_CRITERIA:
+        if wanted and not any(w.lower() in label.lower() for w in wanted):
+            continue
+        vals = []
+        for r in ratios:
+            kw = {"kinds": ["heads", "channels"]}
+            if crit == "taylor":
+                kw.update(data=grad_data, loss_fn=loss_fn)
+            if cal is not None:
+                kw["calibration"] = calib if cal == "calib" else cal
+            small = spa.prune(model, example, ratio=r, criterion=crit, **kw).module
+            vals.append((metric(small), tc.logit_cosine(small, dense_logits, ids, mask)))
+        rows[label] = vals
+        print(f"[{kind}] {label:28s} " + " ".join(f"{a:.3f}/{c:.3f}" for a, c in vals), flush=True)
+    return metric(model), rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="docs/quality", help="output prefix for the .png and .md")
     ap.add_argument("--ratios", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7")
     ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--only", default="cnn,transformer,llama,text", help="sections to run, comma-separated (text = mlm,clm)")
+    ap.add_argument("--text-ratios", default="0.2,0.3,0.5", help="ratios of the text models")
+    ap.add_argument("--criteria", default=None, help="text section: only criteria whose label contains one of these")
     args = ap.parse_args()
     ratios = [float(r) for r in args.ratios.split(",")]
+    only = set(args.only.split(","))
+    wanted = args.criteria.split(",") if args.criteria else None
     x_tr, y_tr, x_te, y_te = data()
     t0 = time.perf_counter()
     panels = []
-    torch.manual_seed(0)
-    cnn = train(SmallCNN(), x_tr, y_tr, args.epochs)
-    panels.append(("CNN on digits: test accuracy", *classification("cnn", cnn, x_tr, y_tr, x_te, y_te, ratios)))
-    torch.manual_seed(0)
-    tfm = train(TinyTransformer(), x_tr, y_tr, 2 * args.epochs, lr=1e-3)
-    panels.append(("Transformer on digits: test accuracy",
-                   *classification("transformer", tfm, x_tr, y_tr, x_te, y_te, ratios)))
-    panels.append(("Random-init LLaMA (GQA): logit cosine similarity", *llama_fidelity(ratios)))
+    if "cnn" in only:
+        torch.manual_seed(0)
+        cnn = train(SmallCNN(), x_tr, y_tr, args.epochs)
+        panels.append(("CNN on digits: test accuracy", ratios,
+                       *classification("cnn", cnn, x_tr, y_tr, x_te, y_te, ratios)))
+    if "transformer" in only:
+        torch.manual_seed(0)
+        tfm = train(TinyTransformer(), x_tr, y_tr, 2 * args.epochs, lr=1e-3)
+        panels.append(("Transformer on digits: test accuracy", ratios,
+                       *classification("transformer", tfm, x_tr, y_tr, x_te, y_te, ratios)))
+    if "llama" in only:
+        panels.append(("Random-init LLaMA (GQA): logit cosine similarity", ratios, *llama_fidelity(ratios)))
+    text_panels = []
+    if only & {"text", "mlm", "clm"}:
+        text_ratios = [float(r) for r in args.text_ratios.split(",")]
+        for kind, title in (("mlm", "BERT-like masked LM on stdlib docstrings: masked-token accuracy"),
+                            ("clm", "LLaMA-like causal LM on stdlib docstrings: next-token accuracy")):
+            if not only & {"text", kind}:
+                continue
+            dense, rows = text_quality(kind, text_ratios, wanted)
+            text_panels.append((title, text_ratios, dense, rows))
+            panels.append((title, text_ratios, dense, {k: [a for a, _ in v] for k, v in rows.items()}))
 
-    lines = [f"Pruning without fine-tuning; ratios {', '.join(f'{r:.0%}' for r in ratios)}; "
+    lines = [f"Pruning without fine-tuning; sections {', '.join(sorted(only))}; "
              f"{time.perf_counter() - t0:.0f} s in all.", ""]
-    for title, dense, rows in panels:
+    for title, rs, dense, rows in panels:
         lines += [f"### {title} (dense: {dense:.3f})", "",
-                  "| criterion | " + " | ".join(f"{r:.0%}" for r in ratios) + " |",
-                  "|---|" + "---|" * len(ratios)]
+                  "| criterion | " + " | ".join(f"{r:.0%}" for r in rs) + " |",
+                  "|---|" + "---|" * len(rs)]
         lines += [f"| {label} | " + " | ".join(f"{v:.3f}" for v in vals) + " |" for label, vals in rows.items()]
+        lines.append("")
+    for title, rs, dense, rows in text_panels:
+        lines += [f"### {title.split(':')[0]}: logit cosine to the dense model", "",
+                  "| criterion | " + " | ".join(f"{r:.0%}" for r in rs) + " |",
+                  "|---|" + "---|" * len(rs)]
+        lines += [f"| {label} | " + " | ".join(f"{c:.3f}" for _, c in vals) + " |" for label, vals in rows.items()]
         lines.append("")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5))
-    colors = dict(zip((c[0] for c in CRITERIA), plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    for ax, (title, dense, rows) in zip(axes, panels):
+    labels = list(dict.fromkeys([c[0] for c in CRITERIA] + [c[0] for c in TEXT_CRITERIA]))
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = {k: cycle[i % len(cycle)] for i, k in enumerate(labels)}
+    for ax, (title, rs, dense, rows) in zip(np.atleast_1d(axes), panels):
         for label, vals in rows.items():
-            ax.plot([100 * r for r in ratios], vals, marker="o", label=label, color=colors[label])
+            ax.plot([100 * r for r in rs], vals, marker="o", label=label, color=colors[label])
         ax.axhline(dense, color="gray", linestyle="--", linewidth=1, label="dense")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("channels removed (%)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    for ax in np.atleast_1d(axes):
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(f"{args.out}.png", dpi=110)
     print(f"wrote {args.out}.png and {args.out}.md")

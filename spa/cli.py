@@ -75,8 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--criterion", default="l1", choices=criterion_names(),
                     help="l1/l2/random/bn (weights); wanda/flap/obspa (activations: see --calibration); "
                          "taylor/snip/grasp need an nn.Module (Python API)")
-    pr.add_argument("--calibration", default=None, metavar="gaussian|DIR",
-                    help="inputs for wanda/flap/obspa and --allocation owl: 'gaussian' (data-free, the default) "
+    pr.add_argument("--calibration", default=None, metavar="gaussian|zipf|lm-sample|model|DIR",
+                    help="inputs for wanda/flap/obspa and --allocation owl, data-free: 'gaussian' (the default), "
+                         "'zipf' (token ids Zipf over the id, full mask), 'lm-sample' (text the language model "
+                         "samples from its own logits), 'model' (zipf for token-id models, else gaussian); "
                          "or a directory of .npy batches")
     pr.add_argument("--calibration-batches", type=int, default=8, metavar="N",
                     help="data-free batches to synthesize (default 8)")

@@ -6,6 +6,12 @@ A source is one of:
     uniform over the table a Gather indexes with them or a OneHot's depth, masks as ones with
     padding, positions, sequence lengths, bytes; a static batch gets as many samples (more
     batches) as a dynamic one;
+  * ``"zipf"`` (data-free, text models): token ids Zipf-distributed over the id (low ids
+    frequent, as tokenizers order their vocabularies), a full attention mask, zero token types;
+  * ``"lm-sample"`` (data-free, language models): text the model writes itself from its logits
+    over the vocabulary (left to right for a causal LM, resampled rounds for a masked LM);
+  * ``"model"`` (data-free): the best measured source for the model's kind: ``zipf`` where it
+    reads token ids, else ``gaussian`` (``spa.calibration.synth``);
   * ``"bn"`` (data-free, nn.Module with BatchNorm): inputs optimized so every BatchNorm layer
     sees batch statistics equal to its running statistics (``spa.frontends.bn_inputs``);
   * a numpy array (one batch of the first input) or a list of them (several batches);
@@ -25,7 +31,7 @@ import numpy as np
 
 from spa.errors import ArgumentError
 
-DATA_FREE = ("gaussian", "bn")
+DATA_FREE = ("gaussian", "zipf", "lm-sample", "model", "bn")
 #: Batch size of synthesized inputs where the model's batch axis is dynamic.
 SYNTH_BATCH = 16
 
@@ -175,7 +181,17 @@ def batches(source, model, sess, n_batches: int = 8, input_shapes: dict | None =
         if source == "bn":
             raise ArgumentError("calibration='bn' synthesizes inputs from an nn.Module's BatchNorm statistics; "
                                 "pass the module to spa.prune (or use 'gaussian' for an ONNX file)")
-        return list(synthesize(model, sess, n_batches, input_shapes, seed))
+        gaussian = synthesize(model, sess, n_batches, input_shapes, seed)
+        if source in (None, "gaussian"):
+            return list(gaussian)
+        from spa.calibration.synth import synthesize_text
+
+        text = synthesize_text(source, model, sess, gaussian, seed)
+        if text is None and source != "model":
+            what = "logits over its token ids" if source == "lm-sample" else "token ids"
+            raise ArgumentError(f"calibration='{source}' needs a model with {what}; this one has none "
+                                "(use 'model' or 'gaussian')")
+        return list(text if text is not None else gaussian)
     if callable(source):
         source = source()
     if isinstance(source, (str, os.PathLike)):

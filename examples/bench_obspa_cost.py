@@ -31,21 +31,13 @@ def export(path: str, layers: int, hidden: int) -> None:
     torch.manual_seed(0)
     cfg = BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
                      intermediate_size=4 * hidden, vocab_size=30522, num_labels=2)
+    cfg.return_dict = False  # a tuple out: (logits,)
     model = BertForSequenceClassification(cfg).eval()
-
-    class Logits(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, x):
-            return self.model(x).logits
-
     x = torch.randint(0, cfg.vocab_size, (2, 16))
-    shapes = ({0: torch.export.Dim("batch"), 1: torch.export.Dim("seq", max=512)},)
+    dims = ({0: torch.export.Dim("batch"), 1: torch.export.Dim("seq", max=512)},)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prog = torch.onnx.export(Logits().eval(), (x,), dynamo=True, optimize=False, dynamic_shapes=shapes,
+        prog = torch.onnx.export(model, (x,), dynamo=True, optimize=False, dynamic_shapes=dims,
                                  input_names=["input_ids"], verbose=False)
     prog.save(path)
 

@@ -3,7 +3,7 @@
 A *cut* is a value through which all of the model's computation flows from one block to the
 next: the residual stream between two transformer layers, the feature map between two CNN
 stages. Cuts are found from the dataflow alone. A value is *main* when it depends both on a
-graph input and on a weight (a float initializer of rank 2 or more); the others are *side*
+graph input and on a weight (a float or quantized initializer of rank 2 or more); the others are *side*
 values (attention masks, position ids, rotary tables, shape arithmetic, weight-only
 transposes), which any block may recompute from the graph inputs. Walking the nodes in
 topological order, a position where a single main value is live (produced before, read after)
@@ -36,9 +36,14 @@ def _reads(node: ir.Node) -> list[str]:
     return names
 
 
+_QUANTIZED = {ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT4, ir.DataType.UINT4}
+
+
 def _is_weight(value: ir.Value) -> bool:
+    """A float or 8/4-bit integer initializer of rank 2 or more (int64 tables are indices)."""
     t = value.const_value
-    return t is not None and value.dtype is not None and value.dtype.is_floating_point() and len(t.shape) >= 2
+    return t is not None and value.dtype is not None and len(t.shape) >= 2 and (
+        value.dtype.is_floating_point() or value.dtype in _QUANTIZED)
 
 
 def main_values(model: ir.Model) -> set[str]:

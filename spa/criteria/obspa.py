@@ -11,6 +11,11 @@ updated between batches. A channel is a whole head in a heads group: heads go wh
 
 The greedy removal never empties a member (a Concat input, a Split output), so the weights it
 solves for are those of the kept set the plan ships.
+
+Scores come from the dense model's H (one block-wise pass). The reconstruction is sequential
+when the model has cuts (``spa.calibration.blockwise``): each block's H is read off the outputs
+of the blocks before it as already pruned and reconstructed, so later layers make up for the
+earlier layers' removals; a model without a cut is reconstructed from the dense H.
 """
 
 from __future__ import annotations
@@ -30,9 +35,9 @@ SEQUENTIAL = True
 
 def damped_inverse(h: np.ndarray) -> np.ndarray:
     """(H + λI)⁻¹ in float64, λ = DAMP · mean diag H."""
-    h = np.asarray(h, dtype=np.float64)
-    damp = DAMP * float(np.mean(np.diag(h))) + 1e-8
-    return np.linalg.inv(h + damp * np.eye(h.shape[0]))
+    h = np.array(h, dtype=np.float64)
+    h[np.diag_indices_from(h)] += DAMP * float(np.mean(np.diag(h))) + 1e-8
+    return np.linalg.inv(h)
 
 
 def _solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -274,7 +279,8 @@ def reconstruct_sequential(dg, plan, stats, blocks, steps: int = 8) -> tuple:
             for key in spanning:
                 mine = [c for c in cons[key] if where.get(c.node.name) == k]
                 updates.update(_refit(groups[key], mine, weights, hs, entries[key].keep))
-        runner.run(k, lambda values: None, (), transform=transform)
+        if k + 1 < len(blocks):  # the pruned block's outputs feed the next one
+            runner.run(k, lambda values: None, (), transform=transform)
     return Plan(tuple(entries[gp.key] for gp in plan.groups), plan.meta), updates
 
 

@@ -12,10 +12,11 @@ updated between batches. A channel is a whole head in a heads group: heads go wh
 The greedy removal never empties a member (a Concat input, a Split output), so the weights it
 solves for are those of the kept set the plan ships.
 
-Scores come from the dense model's H (one block-wise pass). The reconstruction is sequential
-when the model has cuts (``spa.calibration.blockwise``): each block's H is read off the outputs
-of the blocks before it as already pruned and reconstructed, so later layers make up for the
-earlier layers' removals; a model without a cut is reconstructed from the dense H.
+Scores come from the dense model's H (one block-wise pass). With ``SEQUENTIAL`` the
+reconstruction runs block by block when the model has cuts (``spa.calibration.blockwise``):
+each block's H is read off the outputs of the blocks before it as already pruned and
+reconstructed; a model without a cut, or ``SEQUENTIAL`` off (the default), is reconstructed
+from the dense H.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from spa.criteria.consumer import consumer_scores
 from spa.criteria.registry import Scores, ScoringInputs, criterion
 
 DAMP = 0.01
-#: Reconstruct block by block when the model has cuts (False: always from the dense model's H).
-SEQUENTIAL = True
+#: Reconstruct block by block when the model has cuts (False: from the dense model's H). Off by
+#: default: on a trained transformer it measured worse than the dense H (see examples/bench_obspa_cost.py).
+SEQUENTIAL = False
 
 
 def damped_inverse(h: np.ndarray) -> np.ndarray:

@@ -44,7 +44,7 @@ def removal_costs(group, cons, weights, hs, max_remove: int, steps: int = 16,
     layers = _layers(group, cons, weights, hs)
     if not layers or max_remove <= 0:
         return None
-    scale = [1.0 / _energy(layer, hs[layer.consumer.key]) if normalise == "relative" else 1.0
+    scale = [1.0 / _energy(layer, hs[layer.consumers[0].key]) if normalise == "relative" else 1.0
              for layer in layers]
     inside = np.zeros((0, group.size), dtype=bool)  # inside[k, c]: channel c feeds member k
     for ch in _member_channels(group):

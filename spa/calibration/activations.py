@@ -3,9 +3,11 @@ collected with onnxruntime on calibration inputs.
 
 A *consumer* is a node whose op spec has a layer view (``spa.ops.layers``: MatMul/Gemm with a
 constant weight, ungrouped Conv, ...) and that reads a group's channels on its input columns.
-Its H is over the columns its weight multiplies. Intermediate tensors are requested from
-onnxruntime a few at a time and reduced to H at once, so a large model's activations are never
-all held together.
+Its H is over the columns its weight multiplies. A model with cuts
+(``spa.calibration.blockwise``) runs block by block, each block once per batch with all its
+consumer inputs exposed; a model without one runs whole, its intermediate tensors requested a
+few at a time. Either way they are reduced to H at once, so a large model's activations are
+never all held together.
 """
 
 from __future__ import annotations
@@ -64,37 +66,71 @@ def consumers(dg: DependencyGraph, group: Group) -> list[Consumer]:
     return out
 
 
-def collect(model, consumers_: list[Consumer], feeds: list[dict], chunk: int = 8,
-            means: dict | None = None) -> dict[tuple, np.ndarray]:
-    """Mean XᵀX per distinct consumer input (keyed by ``Consumer.key``), over all batches;
-    the column means go into ``means`` when given (FLAP's bias compensation)."""
-    from spa import runtime
+class Accumulator:
+    """Running Σ XᵀX (float32 products, float64 sums), row counts and column sums per consumer
+    input key."""
 
+    def __init__(self, by_key: dict[tuple, Consumer], means: dict | None = None):
+        self.by_key, self.means = by_key, means
+        self.sums: dict[tuple, np.ndarray] = {}
+        self.counts: dict[tuple, int] = {}
+
+    def add(self, values: dict) -> None:
+        for key, c in self.by_key.items():
+            if c.x not in values:
+                continue
+            cols = c.view.columns(np.asarray(values[c.x], dtype=np.float32))
+            h = (cols.T @ cols).astype(np.float64)
+            self.sums[key] = self.sums.get(key, 0) + h
+            self.counts[key] = self.counts.get(key, 0) + cols.shape[0]
+            if self.means is not None:
+                self.means[key] = self.means.get(key, 0) + cols.sum(axis=0, dtype=np.float64)
+
+    def result(self) -> dict[tuple, np.ndarray]:
+        if self.means is not None:
+            for k in list(self.means):
+                self.means[k] = self.means[k] / max(self.counts.get(k, 0), 1)
+        # float32 once averaged: a model's H all together weigh as much as its weights, not twice
+        return {k: (self.sums.pop(k) / max(self.counts[k], 1)).astype(np.float32) for k in list(self.sums)}
+
+
+def distinct_inputs(consumers_: list[Consumer]) -> dict[tuple, Consumer]:
     by_key: dict[tuple, Consumer] = {}
     for c in consumers_:
         by_key.setdefault(c.key, c)
-    names = sorted({c.x for c in by_key.values()})
+    return by_key
+
+
+def collect(model, consumers_: list[Consumer], feeds: list[dict], chunk: int = 8,
+            means: dict | None = None) -> dict[tuple, np.ndarray]:
+    """Mean XᵀX per distinct consumer input (keyed by ``Consumer.key``), over all batches;
+    the column means go into ``means`` when given (FLAP's bias compensation). The whole model
+    runs once per ``chunk`` inputs."""
+    from spa import runtime
+
+    acc = Accumulator(distinct_inputs(consumers_), means)
+    names = sorted({c.x for c in acc.by_key.values()})
     sess = runtime.session_exposing(model, names)
-    sums: dict[tuple, np.ndarray] = {}
-    counts: dict[tuple, int] = {}
     for start in range(0, len(names), chunk):
         part = names[start:start + chunk]
         for batch in feeds:
-            values = dict(zip(part, sess.run(part, batch)))
-            for key, c in by_key.items():
-                if c.x not in values:
-                    continue
-                cols = c.view.columns(values[c.x].astype(np.float32))
-                h = (cols.T @ cols).astype(np.float64)  # float32 product, float64 running sum
-                sums[key] = sums.get(key, 0) + h
-                counts[key] = counts.get(key, 0) + cols.shape[0]
-                if means is not None:
-                    means[key] = means.get(key, 0) + cols.sum(axis=0, dtype=np.float64)
-            del values
-    if means is not None:
-        for k in list(means):
-            means[k] = means[k] / max(counts[k], 1)
-    return {k: sums[k] / max(counts[k], 1) for k in sums}
+            acc.add(dict(zip(part, sess.run(part, batch))))
+    return acc.result()
+
+
+def collect_blockwise(model, consumers_: list[Consumer], runner, means: dict | None = None,
+                      transform=None) -> dict[tuple, np.ndarray]:
+    """As :func:`collect`, running the model block by block (``spa.calibration.blockwise``):
+    every block once per batch, all its consumer inputs read in that run, and only the current
+    cut's values held between blocks."""
+    from spa.calibration.blockwise import block_of_nodes
+
+    acc = Accumulator(distinct_inputs(consumers_), means)
+    where = block_of_nodes(model, runner.blocks)
+    for block in runner.blocks:
+        xs = sorted({c.x for c in acc.by_key.values() if where.get(c.node.name) == block.index})
+        runner.run(block.index, acc.add, xs, transform=transform)
+    return acc.result()
 
 
 class Moments(dict):
@@ -111,6 +147,8 @@ class Stats:
 
     consumers: dict[str, list[Consumer]]
     moments: Moments
+    feeds: list | None = None  # the calibration batches (sequential reconstruction reruns them)
+    blocks: list | None = None  # spa.calibration.blockwise.Block chain the moments came from
 
 
 def collect_stats(model, dg, calibration, n_batches: int = 8, input_shapes: dict | None = None,
@@ -118,12 +156,20 @@ def collect_stats(model, dg, calibration, n_batches: int = 8, input_shapes: dict
     """Consumers of every group and the H of their inputs, from the calibration source."""
     from spa import calibration as cal
     from spa import runtime
-    from spa.io import to_proto
+    from spa.calibration import blockwise
 
     cons = {g.key: consumers(dg, g) for g in dg.groups}
-    sess = runtime.session(to_proto(model), optimize=False)
+    sess = runtime.session(model, optimize=False)
     feeds = cal.batches(calibration, model, sess, n_batches, input_shapes, seed)
     flat = [c for cs in cons.values() for c in cs]
     means: dict = {}
-    hs = collect(model, flat, feeds, means=means) if flat else {}
-    return Stats(cons, Moments(hs, means))
+    blocks = None
+    if flat:
+        blocks = blockwise.partition(model)
+        if len(blocks) > 1:
+            hs = collect_blockwise(model, flat, blockwise.BlockRunner(model, feeds, blocks), means)
+        else:
+            hs = collect(model, flat, feeds, means=means)
+    else:
+        hs = {}
+    return Stats(cons, Moments(hs, means), feeds, blocks)

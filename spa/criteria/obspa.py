@@ -11,11 +11,18 @@ updated between batches. A channel is a whole head in a heads group: heads go wh
 
 The greedy removal never empties a member (a Concat input, a Split output), so the weights it
 solves for are those of the kept set the plan ships.
+
+Scores come from the dense model's H (one block-wise pass). With ``SEQUENTIAL`` the
+reconstruction runs block by block when the model has cuts (``spa.calibration.blockwise``):
+each block's H is read off the outputs of the blocks before it as already pruned and
+reconstructed; a model without a cut, or ``SEQUENTIAL`` off (the default), is reconstructed
+from the dense H.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 
 from spa.groups import Group
 from spa.calibration.activations import Consumer
@@ -23,26 +30,51 @@ from spa.criteria.consumer import consumer_scores
 from spa.criteria.registry import Scores, ScoringInputs, criterion
 
 DAMP = 0.01
+#: Reconstruct block by block when the model has cuts (False: from the dense model's H). Off by
+#: default: on a trained transformer it measured worse than the dense H (see examples/bench_obspa_cost.py).
+SEQUENTIAL = False
+
+
+def damped_inverse(h: np.ndarray) -> np.ndarray:
+    """(H + λI)⁻¹ in float64, λ = DAMP · mean diag H."""
+    h = np.array(h, dtype=np.float64)
+    h[np.diag_indices_from(h)] += DAMP * float(np.mean(np.diag(h))) + 1e-8
+    return np.linalg.inv(h)
+
+
+def _solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a⁻¹ b for a symmetric positive (semi)definite block of H⁻¹; least squares if singular."""
+    try:
+        return np.linalg.solve(a, b)
+    except np.linalg.LinAlgError:
+        return np.linalg.pinv(a) @ b
 
 
 class _Layer:
-    """One consumer's W and H⁻¹ during greedy removal."""
+    """The consumers reading one input (one H) through the same columns, their weights stacked
+    row-wise, and H⁻¹, during greedy removal: one inversion and one update for all of them.
+    (One consumer and its weight may be passed bare.)"""
 
-    def __init__(self, consumer: Consumer, weight: np.ndarray, h: np.ndarray, group_size: int):
-        self.consumer = consumer
-        self.weight = weight
-        self.w = consumer.matrix(weight).astype(np.float64)
-        h = np.array(h, dtype=np.float64)
-        damp = DAMP * float(np.mean(np.diag(h))) + 1e-8
-        self.hinv = np.linalg.inv(h + damp * np.eye(h.shape[0]))
-        col_ch = consumer.member.channel[consumer.column_channels()]
-        self.cols = [np.flatnonzero(col_ch == c) for c in range(group_size)]
+    def __init__(self, consumers, weights, h: np.ndarray, group_size: int):
+        self.single = isinstance(consumers, Consumer)
+        if self.single:
+            consumers, weights = [consumers], [weights]
+        self.consumers, self.weights = consumers, weights
+        mats = [c.matrix(w).astype(np.float64) for c, w in zip(consumers, weights)]
+        self.rows = np.cumsum([0] + [m.shape[0] for m in mats])
+        self.w = np.concatenate(mats, axis=0)
+        self.hinv = damped_inverse(h)
+        col_ch = consumers[0].member.channel[consumers[0].column_channels()]
+        order = np.argsort(col_ch, kind="stable")
+        bounds = np.searchsorted(col_ch[order], np.arange(group_size + 1))
+        self.cols = [order[bounds[c]:bounds[c + 1]] for c in range(group_size)]
 
     def channel_losses(self, channels) -> np.ndarray:
         """Loss of removing each channel alone; one vectorized pass when channels are single
         columns (Linear inputs), a small solve per channel otherwise (heads, conv kernels)."""
+        channels = list(channels)
         if all(self.cols[c].size == 1 for c in channels):
-            idx = np.array([self.cols[c][0] for c in channels])
+            idx = np.array([self.cols[c][0] for c in channels], dtype=np.int64)
             d = np.diag(self.hinv)[idx]
             return 0.5 * (self.w[:, idx] ** 2).sum(axis=0) / np.maximum(d, 1e-12)
         return np.array([self.loss(self.cols[c]) for c in channels])
@@ -51,24 +83,36 @@ class _Layer:
         if q.size == 0:
             return 0.0
         wq = self.w[:, q]
-        inv_qq = np.linalg.pinv(self.hinv[np.ix_(q, q)])
-        return 0.5 * float(np.einsum("ij,jk,ik->", wq, inv_qq, wq))
+        return 0.5 * float(np.einsum("ij,ji->", wq, _solve(self.hinv[np.ix_(q, q)], wq.T)))
 
     def remove(self, q: np.ndarray) -> None:
         if q.size == 0:
             return
-        inv_qq = np.linalg.pinv(self.hinv[np.ix_(q, q)])
-        hq = self.hinv[q, :]
-        self.w -= self.w[:, q] @ inv_qq @ hq
-        self.hinv -= self.hinv[:, q] @ inv_qq @ hq
+        step = _solve(self.hinv[np.ix_(q, q)], self.hinv[q, :])  # (H⁻¹[Q,Q])⁻¹ H⁻¹[Q,:]
+        self.w -= self.w[:, q] @ step
+        self.hinv -= self.hinv[:, q] @ step
         self.w[:, q] = 0.0
 
+    def updates(self) -> dict[str, np.ndarray]:
+        """Each consumer's updated weight, by parameter name."""
+        return {c.member.param: c.unmatrix(self.w[a:b], w).astype(w.dtype)
+                for c, w, a, b in zip(self.consumers, self.weights, self.rows[:-1], self.rows[1:])}
+
     def updated(self) -> np.ndarray:
-        return self.consumer.unmatrix(self.w, self.weight).astype(self.weight.dtype)
+        """The updated weight of a layer built from one consumer."""
+        (arr,) = self.updates().values()
+        return arr
 
 
 def _layers(group: Group, cons: list[Consumer], weights, hs) -> list[_Layer]:
-    return [_Layer(c, weights(c.member.param), hs[c.key], group.size) for c in cons if c.key in hs]
+    """One :class:`_Layer` per consumer input and column layout (Q, K and V share theirs)."""
+    shared: dict[tuple, list[Consumer]] = {}
+    for c in cons:
+        if c.key in hs:
+            layout = c.member.channel[c.column_channels()]
+            shared.setdefault((c.key, layout.tobytes()), []).append(c)
+    return [_Layer(cs, [weights(c.member.param) for c in cs], hs[cs[0].key], group.size)
+            for cs in shared.values()]
 
 
 def _member_channels(group: Group) -> list[np.ndarray]:
@@ -110,7 +154,7 @@ def obs_select(group: Group, cons, weights, hs, n_keep: int, steps: int = 8):
             layer.remove(np.concatenate([layer.cols[c] for c in chosen]))
         alive = [c for c in alive if c not in chosen]
         to_remove -= len(chosen)
-    return tuple(sorted(alive)), {layer.consumer.member.param: layer.updated() for layer in layers}
+    return tuple(sorted(alive)), {k: v for layer in layers for k, v in layer.updates().items()}
 
 
 def obs_scores(group: Group, cons, weights, hs) -> np.ndarray | None:
@@ -127,19 +171,15 @@ def _reconstruct_fixed(group: Group, cons, weights, hs, gp) -> dict:
     keep, slots = np.asarray(gp.keep), np.asarray(gp.slots)
     out = {}
     for layer in _layers(group, cons, weights, hs):
-        m = layer.consumer.member
-        gone = ~np.isin(layer.consumer.column_channels(), m.kept_indices(keep, slots))
+        c = layer.consumers[0]  # stacked consumers share their column layout
+        gone = ~np.isin(c.column_channels(), c.member.kept_indices(keep, slots))
         layer.remove(np.flatnonzero(gone))
-        out[m.param] = layer.updated()
+        out.update(layer.updates())
     return out
 
 
-def reconstruct(dg, plan, stats, steps: int = 8) -> tuple:
-    """OBSPA on every pruned group: greedy keep sets (the plan's counts) and the consumer
-    weights reconstructed for exactly those sets. Returns (new plan, {initializer: array})."""
-    from spa.plan import GroupPlan, Plan
-
-    updates: dict[str, np.ndarray] = {}
+def _weights_reader(dg, updates: dict):
+    """``weights(name)``: the latest array of an initializer (an update, else the model's)."""
     cache: dict[str, np.ndarray] = {}
 
     def weights(name: str) -> np.ndarray:
@@ -149,16 +189,33 @@ def reconstruct(dg, plan, stats, steps: int = 8) -> tuple:
             cache[name] = dg.weights(name)
         return cache[name]
 
+    return weights
+
+
+def _reconstructed(gp, cons) -> bool:
+    """Whether OBSPA re-selects and reconstructs this plan entry (GQA slot plans stay as they are)."""
+    return bool(gp.removed) and gp.slots is None and bool(cons.get(gp.key))
+
+
+def reconstruct_whole(dg, plan, stats, steps: int = 8) -> tuple:
+    """OBSPA on every pruned group from the dense model's H: greedy keep sets (the plan's
+    counts) and the consumer weights reconstructed for exactly those sets. Returns (new plan,
+    {initializer: array})."""
+    from spa.plan import GroupPlan, Plan
+
+    updates: dict[str, np.ndarray] = {}
+    weights = _weights_reader(dg, updates)
     groups = {g.key: g for g in dg.groups}
     cons, hs = stats.consumers, stats.moments
     entries = []
     for gp in plan.groups:
         g = groups.get(gp.key)
-        if g is None or not (gp.removed or gp.slots is not None) or not cons.get(gp.key):
+        if g is not None and gp.slots is not None and cons.get(gp.key):
+            # GQA within groups: the plan's K/V groups and query-head slots, reconstructed as they are
+            updates.update(_reconstruct_fixed(g, cons[gp.key], weights, hs, gp))
             entries.append(gp)
             continue
-        if gp.slots is not None:  # GQA within groups: the plan's K/V groups and query-head slots
-            updates.update(_reconstruct_fixed(g, cons[gp.key], weights, hs, gp))
+        if g is None or not _reconstructed(gp, cons):
             entries.append(gp)
             continue
         keep, new = obs_select(g, cons[gp.key], weights, hs, len(gp.keep), steps)
@@ -168,6 +225,102 @@ def reconstruct(dg, plan, stats, steps: int = 8) -> tuple:
         updates.update(new)
         entries.append(GroupPlan(gp.key, gp.size, keep))
     return Plan(tuple(entries), plan.meta), updates
+
+
+def reconstruct(dg, plan, stats, steps: int = 8) -> tuple:
+    """OBSPA block by block (``spa.calibration.blockwise``) when the model has cuts and the
+    statistics kept their calibration batches; else :func:`reconstruct_whole`."""
+    blocks = getattr(stats, "blocks", None)
+    if not SEQUENTIAL or not blocks or len(blocks) < 2 or not getattr(stats, "feeds", None):
+        return reconstruct_whole(dg, plan, stats, steps)
+    return reconstruct_sequential(dg, plan, stats, blocks, steps)
+
+
+def reconstruct_sequential(dg, plan, stats, blocks, steps: int = 8) -> tuple:
+    """Sequential OBSPA. Blocks run in order on the calibration batches, each on the outputs of
+    the blocks before it as already pruned and reconstructed (removed channels masked, updated
+    weights in). A group whose consumers all sit in one block is selected and reconstructed
+    from the H of that block's run. A group read by several blocks (the residual stream) gets
+    its keep set from the dense H first, over all its consumers (one block cannot choose for
+    the others), then each block's consumers are reconstructed for that set from their
+    sequential H. GQA slot plans and groups without consumers are masked from the start.
+    Only the current cut's values are held between blocks."""
+    from spa.calibration.blockwise import BlockRunner, block_of_nodes
+    from spa.equivalence import mask_groups
+    from spa.plan import GroupPlan, Plan
+
+    updates: dict[str, np.ndarray] = {}
+    weights = _weights_reader(dg, updates)
+    groups = {g.key: g for g in dg.groups}
+    cons = stats.consumers
+    where = block_of_nodes(dg.model, blocks)
+    entries = {gp.key: gp for gp in plan.groups}
+    local: dict[int, list[str]] = {}
+    spanning, final = [], set()
+    for gp in plan.groups:
+        if gp.key not in groups or not gp.removed:
+            continue
+        if not _reconstructed(gp, cons):
+            final.add(gp.key)
+            continue
+        seen = {where.get(c.node.name) for c in cons[gp.key]}
+        if len(seen) == 1 and None not in seen:
+            local.setdefault(seen.pop(), []).append(gp.key)
+        else:
+            spanning.append(gp.key)
+    for key in spanning:  # keep sets from the dense H; the weights come block by block
+        g = groups[key]
+        keep, _ = obs_select(g, cons[key], weights, stats.moments, len(entries[key].keep), steps)
+        entries[key] = GroupPlan(key, g.size, keep)
+        final.add(key)
+
+    def transform(sub):
+        inits = sub.graph.initializers
+        for name, arr in updates.items():
+            if name in inits:
+                inits[name].const_value = ir.tensor(np.ascontiguousarray(arr), name=name)
+        current = Plan(tuple(entries.values()), plan.meta)
+        return mask_groups(sub, dg, current, sorted(final))[0]
+
+    runner = BlockRunner(dg.model, stats.feeds, blocks)
+    for block in blocks:
+        k = block.index
+        here = [c for key in local.get(k, []) for c in cons[key]] + \
+               [c for key in spanning for c in cons[key] if where.get(c.node.name) == k]
+        if here:
+            hs = _block_moments(runner, k, here, transform)
+            for key in local.get(k, []):
+                g = groups[key]
+                keep, new = obs_select(g, cons[key], weights, hs, len(entries[key].keep), steps)
+                if new:
+                    updates.update(new)
+                    entries[key] = GroupPlan(key, g.size, keep)
+                final.add(key)
+            for key in spanning:
+                mine = [c for c in cons[key] if where.get(c.node.name) == k]
+                updates.update(_refit(groups[key], mine, weights, hs, entries[key].keep))
+        if k + 1 < len(blocks):  # the pruned block's outputs feed the next one
+            runner.run(k, lambda values: None, (), transform=transform)
+    return Plan(tuple(entries[gp.key] for gp in plan.groups), plan.meta), updates
+
+
+def _block_moments(runner, k: int, here, transform) -> dict:
+    """H of the consumers ``here`` from one run of block ``k`` (the held cut stays)."""
+    from spa.calibration.activations import Accumulator, distinct_inputs
+
+    acc = Accumulator(distinct_inputs(here))
+    runner.run(k, acc.add, sorted({c.x for c in here}), transform=transform, advance=False)
+    return acc.result()
+
+
+def _refit(group: Group, cons, weights, hs, keep) -> dict[str, np.ndarray]:
+    """The consumers' weights reconstructed (one joint OBS update) for a fixed keep set."""
+    removed = sorted(set(range(group.size)) - set(keep))
+    out: dict[str, np.ndarray] = {}
+    for layer in _layers(group, cons, weights, hs):
+        layer.remove(np.concatenate([layer.cols[c] for c in removed]).astype(np.int64))
+        out.update(layer.updates())
+    return out
 
 
 @criterion("obspa", needs=("weights", "activations"), compensate=reconstruct)

@@ -154,6 +154,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     shares = [float(s) for s in args.shares.split(",")]
+    torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     corpus = tc.Corpus()
     lm = tc.trained("clm", corpus, steps=args.steps, layers=args.layers)

@@ -147,10 +147,10 @@ def bert_config(vocab: int, seq: int):
                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=PAD)
 
 
-def llama_config(vocab: int, seq: int):
+def llama_config(vocab: int, seq: int, layers: int = 2):
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=vocab, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+    return LlamaConfig(vocab_size=vocab, hidden_size=128, num_hidden_layers=layers, num_attention_heads=4,
                        num_key_value_heads=2, intermediate_size=256, max_position_embeddings=seq,
                        bos_token_id=CLS, eos_token_id=SEP, pad_token_id=PAD, use_cache=False,
                        tie_word_embeddings=False)
@@ -177,15 +177,15 @@ def _train(model, corpus: Corpus, kind: str, steps: int, lr: float, batch: int =
     return model.eval()
 
 
-def trained(kind: str, corpus: Corpus, steps: int = 800, lr: float = 3e-3):
-    """The masked LM (``kind="mlm"``) or causal LM (``"clm"``) trained on ``corpus``, from the cache
-    when an identical run was cached before."""
+def trained(kind: str, corpus: Corpus, steps: int = 800, lr: float = 3e-3, layers: int = 2):
+    """The masked LM (``kind="mlm"``) or causal LM (``"clm"``, ``layers`` decoder layers) trained on
+    ``corpus``, from the cache when an identical run was cached before."""
     from transformers import BertForMaskedLM, LlamaForCausalLM
 
     torch.manual_seed(0)
     vocab = len(corpus.tokenizer)
     model = (BertForMaskedLM(bert_config(vocab, corpus.seq)) if kind == "mlm"
-             else LlamaForCausalLM(llama_config(vocab, corpus.seq)))
+             else LlamaForCausalLM(llama_config(vocab, corpus.seq, layers)))
     tag = hashlib.sha1(f"{kind}{steps}{lr}{vocab}{corpus.seq}{len(corpus.train)}{model.config}".encode()).hexdigest()[:12]
     path = _cache_dir() / f"{kind}-{tag}.pt"
     if path.exists():

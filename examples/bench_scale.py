@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -175,7 +176,12 @@ if sys.argv[2] == "1":
 """
 
 
+def _exit_on_term(signum, frame) -> None:
+    raise SystemExit(128 + signum)  # a terminated run (a timeout) still removes what it wrote
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _exit_on_term)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=SHAPES, default="small")
     ap.add_argument("--dtype", choices=("float32", "float16"), default="float32")

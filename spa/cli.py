@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run the equivalence check even above the size limit (1 GiB of weights)")
     pr.add_argument("--allow-noop", action="store_true",
                     help="write the model even when the prune removes (almost) nothing (else: exit 1, saying why)")
+    pr.add_argument("--no-folder", dest="folder", action="store_false",
+                    help="write the model alone: without it, when the input has a genai_config.json or config.json "
+                         "beside it, the output's folder gets them with the pruned sizes and the tokenizer files")
     pr.add_argument("--report", metavar="FILE", help="write the prune summary (equivalence, fidelity) as JSON")
     pr.add_argument("--target-opset", type=int, metavar="N",
                     help="write the pruned model at default-domain opset N (onnx.version_converter); "
@@ -181,7 +184,7 @@ def _cmd_prune(args) -> int:
         calibration_batches=args.calibration_batches, allocation=args.allocation, output=args.output, plan_out=args.plan_out,
         input_shapes=_input_shapes(args.input_shape), progress=prog, verify=True, run=not args.no_verify,
         check_equivalence=args.check_equivalence, report=args.report, device=args.device, provider=args.provider,
-        target_opset=args.target_opset, allow_noop=args.allow_noop,
+        target_opset=args.target_opset, allow_noop=args.allow_noop, folder=args.folder,
     )
     pruned = len(result.plan.pruned_groups)
     removed = sum(g.removed for g in result.plan.groups)
@@ -195,6 +198,8 @@ def _cmd_prune(args) -> int:
     print(f"form: opset {form['opset']['in']} -> {form['opset']['out']}, "
           f"IR version {form['ir_version']['in']} -> {form['ir_version']['out']}")
     print(f"ran on: {result.device}")
+    for f in result.folder:
+        print(f.line(Path(args.output).parent))
     if result.equivalence is not None and not result.equivalence.skipped:
         print(f"check: {result.equivalence.summary()} (on {result.device})")
     for note in result.notes:

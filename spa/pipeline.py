@@ -46,6 +46,8 @@ class PruneResult:
     equivalence: object = None  # spa.equivalence.EquivalenceReport
     device: str | None = None  # where SPA ran the models ("cpu", "cuda:0", a provider)
     noop: str | None = None  # why the prune removed (almost) nothing, when it did
+    source: Path | None = None  # the input model's path, when it was read from one
+    folder: list = field(default_factory=list)  # spa.deploy.FolderFile: what was written beside the model
 
     @property
     def proto(self) -> onnx.ModelProto:
@@ -55,11 +57,34 @@ class PruneResult:
     def fidelity(self):
         return getattr(self.equivalence, "fidelity", None)
 
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike, folder: bool = True) -> Path:
+        """Write the pruned model; with ``folder``, when the input model has a genai_config.json
+        or config.json beside it, also the runtime's files (``spa.deploy``): the configs with
+        the pruned sizes, the tokenizer files copied. A config that cannot describe the pruned
+        model refuses before anything is written."""
         from spa.api import save
+        from spa import deploy
 
+        files = []
+        if folder and self.source is not None and deploy.has_config(self.source):
+            if deploy.same_folder(self.source, path):
+                self.notes.append(f"{deploy.has_config(self.source)} and the tokenizer were not written: the output "
+                                  "is in the input's folder, whose files describe the input")
+            else:
+                files = deploy.plan_folder(self.source, path, self.model, self.dense)
         self.saved_to = save(self.model, path)
+        try:
+            deploy.write_folder(files, Path(path).parent)
+        except BaseException:
+            Path(path).unlink(missing_ok=True)
+            Path(str(path) + ".data").unlink(missing_ok=True)
+            raise
+        self.folder = files
         return self.saved_to
+
+    def folder_paths(self) -> list[Path]:
+        """The files written beside the model by :meth:`save`."""
+        return [] if self.saved_to is None else [self.saved_to.parent / f.name for f in self.folder]
 
     def form(self) -> dict:
         """Opset and IR version in and out."""
@@ -140,6 +165,7 @@ class Job:
     depth: float = 0.0  # share (< 1) or count (>= 1) of residual units removed
     depth_unit: str = "layer"
     depth_score: str = "bi"
+    folder: bool = True  # write the runtime's files beside the output (spa.deploy)
     deep: ir.Model | None = None  # the loaded model before depth pruning
     blocks: tuple = ()  # BlockPlans of the removed residual units
 
@@ -353,7 +379,8 @@ def apply_stage(job: Job) -> None:
                                                               "depth_score": job.depth_score})
     with job.progress.step(f"applying plan ({len(job.plan.pruned_groups)} groups pruned)"):
         apply_in_place(job.model, job.plan, graph=job.dg)
-    job.result = PruneResult(job.model, job.plan, job.dg, dense=job.deep or job.dense, notes=list(job.notes))
+    job.result = PruneResult(job.model, job.plan, job.dg, dense=job.deep or job.dense, notes=list(job.notes),
+                             source=_source_path(job.source))
 
 
 #: A prune removing less than this share of what the ratio asks for removed "almost nothing".
@@ -441,8 +468,9 @@ def write_stage(job: Job) -> None:
     try:
         if job.output is not None:
             with job.progress.step(f"writing {job.output}"):
-                job.result.save(job.output)
+                job.result.save(job.output, folder=job.folder)
             written.append(Path(job.output))
+            written.extend(job.result.folder_paths())
         if job.plan_out is not None:
             job.plan.to_json(job.plan_out)
             written.append(Path(job.plan_out))
@@ -566,6 +594,7 @@ def prune(
     depth: float = 0.0,
     depth_unit: str = "layer",
     depth_score: str = "bi",
+    folder: bool = True,
 ) -> PruneResult:
     """Prune ``model`` (a path, bytes, onnx.ModelProto, onnx_ir.Model or torch ``nn.Module``).
 
@@ -614,6 +643,11 @@ def prune(
     the removed units. The check: the shallower model equals the dense model with those
     branches zeroed, and the width check runs on top of it.
 
+    ``folder``: when ``model`` is a path whose folder holds a ``genai_config.json`` (the
+    onnxruntime-genai model builder) or ``config.json`` (Hugging Face / optimum), ``output``'s
+    folder gets them rewritten with the pruned sizes and the tokenizer files copied
+    (``spa.deploy``; ``result.folder`` lists them); ``False`` writes the model alone.
+
     ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) or ``provider`` (an installed
     onnxruntime execution provider) says where calibration, activations and the checks run;
     ``auto`` uses CUDA when a session can be created there, else the CPU (``result.device``).
@@ -643,7 +677,8 @@ def prune(
               None if kinds is None else tuple(kinds), gqa, seed, output, plan_out, report, verify, run,
               check_equivalence, input_shapes, progress, data, loss_fn, calibration, calibration_batches,
               allocation, example_inputs=example_inputs, module=module, spec=spec, target_opset=target_opset,
-              allow_noop=allow_noop, depth=depth or 0.0, depth_unit=depth_unit, depth_score=depth_score)
+              allow_noop=allow_noop, depth=depth or 0.0, depth_unit=depth_unit, depth_score=depth_score,
+              folder=folder)
     from spa import depth as dp
 
     check_choice("depth_unit", depth_unit, dp.UNITS)
@@ -658,6 +693,10 @@ def prune(
             stage(job)
     job.result.device = dev.name
     return job.result
+
+
+def _source_path(source) -> Path | None:
+    return Path(source) if isinstance(source, (str, os.PathLike)) else None
 
 
 __all__ = ["ALLOCATIONS", "PruneResult", "STAGES", "check_output", "prune"]

@@ -344,7 +344,8 @@ def plan_folder(source: str | os.PathLike, output: str | os.PathLike, model: ir.
                 dense: ir.Model | None = None) -> list[FolderFile]:
     """The files to write beside ``output`` for a model pruned from ``source``: the rewritten
     configs and the copied tokenizer files; empty when ``source``'s folder has no
-    genai_config.json or config.json. Reads, never writes; raises FolderError when a config
+    genai_config.json or config.json, or when the model has no attention op and no past-key
+    input (not a causal LM: nothing says its layers). Reads, never writes; raises FolderError when a config
     cannot describe the pruned model."""
     src_dir, out_path = Path(source).parent, Path(output)
     has_genai, has_hf = (src_dir / GENAI_CONFIG).is_file(), (src_dir / HF_CONFIG).is_file()
@@ -359,10 +360,8 @@ def plan_folder(source: str | os.PathLike, output: str | os.PathLike, model: ir.
             or _DEFAULT_PAST)
     ffn = hf.get("intermediate_size") if isinstance(hf.get("intermediate_size"), int) else None
     sizes = graph_sizes(model, dense, ffn, past)
-    if not sizes.layers:
-        raise FolderError(f"the pruned model has no attention op and no past-key input ({past}); SPA cannot say "
-                          f"how many layers and heads it has for {GENAI_CONFIG if has_genai else HF_CONFIG}. Pass "
-                          "--no-folder to write the model alone")
+    if not sizes.layers:  # not a causal LM (an encoder, a vision model): the model is written alone
+        return []
     if has_genai:
         config, note = genai_config(genai, sizes, out_path.name)
         files.append(FolderFile(GENAI_CONFIG, (json.dumps(config, indent=4) + "\n").encode(), note=note))

@@ -72,6 +72,9 @@ class PruneResult:
                                   "is in the input's folder, whose files describe the input")
             else:
                 files = deploy.plan_folder(self.source, path, self.model, self.dense)
+                if not files:
+                    self.notes.append(f"{deploy.has_config(self.source)} was not rewritten: the model has no "
+                                      "attention op or past-key input SPA reads layers and heads from")
         self.saved_to = save(self.model, path)
         try:
             deploy.write_folder(files, Path(path).parent)

@@ -218,6 +218,19 @@ def test_config_json_gets_the_pruned_sizes(genai_fp32, hf_dir, tmp_path):
                                                "tokenizer_config.json"}
 
 
+def test_a_folder_that_is_not_an_llm_writes_the_model_alone(tmp_path):
+    from spa import zoo
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "model.onnx").write_bytes(zoo.small_resnet().SerializeToString())
+    (src / "config.json").write_text(json.dumps({"num_labels": 10}))
+    out = tmp_path / "out" / "model.onnx"
+    result = spa.prune(src / "model.onnx", 0.25, output=out, check_equivalence=False)
+    assert result.folder == [] and any("config.json was not rewritten" in n for n in result.notes)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx"]
+
+
 def test_config_json_per_layer_sizes_are_lists():
     from spa.frontends.hf import CONFIG_KEY
 

@@ -181,10 +181,14 @@ class DependencyGraph:
             self.order[v.name] = i
         self._visited = 0
         self._walk(graph, len(graph.inputs))
+        from spa.state import find_state_pairs
+
+        self.state_pairs = find_state_pairs(graph)  # K/V caches: head axis free, rest pinned
+        free = {(n, s.axis) for s in self.state_pairs for n in (s.past, s.present)}
         for v in graph.inputs:
-            self._block_value(v, f"graph input '{v.name}'")
+            self._block_value(v, f"graph input '{v.name}'", free)
         for v in graph.outputs:
-            self._block_value(v, f"graph output '{v.name}'")
+            self._block_value(v, f"graph output '{v.name}'", free)
         self._spread_periods()
 
     @cached_property
@@ -244,13 +248,14 @@ class DependencyGraph:
         for f in periodic.values():
             f.size = f.period
 
-    def _block_value(self, v, reason: str) -> None:
+    def _block_value(self, v, reason: str, free=frozenset()) -> None:
         if v.shape is None:
             return
         for a, s in enumerate(v.shape):
             d = Dim(v.name, a)
             self._set_size(d, static_size(s))
-            self._block(d, reason)
+            if (v.name, a) not in free:
+                self._block(d, reason)
 
     def _apply_rule(self, node, order: int) -> None:
         touched = self._touched(node)

@@ -213,7 +213,8 @@ def check(source: ir.Model, pruned: ir.Model, dg, plan, feeds: dict, dense: ir.M
     report = EquivalenceReport(tuple(exact), tuple(inexact))
     if not pruned_keys:
         return report
-    runner = _Runner(feeds)
+    cuts = state_cuts(dg, plan)
+    runner, pruned_runner = _Runner(feeds), _Runner(_cut_feeds(feeds, dg, cuts))
     errors = ort_errors()
     reference, unmasked = _masked_reference(source, dg, plan, exact, inexact, apply)
     report.unchecked = unmasked
@@ -226,10 +227,11 @@ def check(source: ir.Model, pruned: ir.Model, dg, plan, feeds: dict, dense: ir.M
         log.warning(report.skipped)
         return report
     try:
-        names, got = runner.run(pruned)
+        names, got = pruned_runner.run(pruned)
     except errors as exc:
         raise ValidationError(f"onnxruntime cannot run the rewritten model: {exc}") from exc
     report.output_shapes = {n: tuple(o.shape) for n, o in zip(names, got)}
+    want = _cut_outputs(names, want, dg, cuts)
     _compare_shapes(names, got, want)
     atol, rtol = _tolerance(want)
     diff = max((float(np.max(np.abs(np.asarray(g, np.float64) - np.asarray(w, np.float64)))) if g.size else 0.0
@@ -247,8 +249,40 @@ def check(source: ir.Model, pruned: ir.Model, dg, plan, feeds: dict, dense: ir.M
                 if guilty else "no single group causes it. Nothing was written; report the model"))
     if dense is not None and (inexact or dense is not source):
         _, base = runner.run(dense)
-        report.fidelity = fidelity(got, base)
+        report.fidelity = fidelity(got, _cut_outputs(names, base, dg, cuts))
     return report
+
+
+def state_cuts(dg, plan) -> dict[str, np.ndarray]:
+    """Kept head indices of every K/V cache (graph input or output) the plan shrinks."""
+    pairs = getattr(dg, "state_pairs", ())
+    axes = {Dim(n, s.axis) for s in pairs for n in (s.past, s.present)}
+    groups = {g.key: g for g in dg.groups}
+    cuts = {}
+    for gp in plan.pruned_groups:
+        g = groups.get(gp.key)
+        for m in g.members if g is not None else ():
+            if m.dim in axes:
+                keep = np.asarray(gp.keep, dtype=np.int64)
+                slots = None if gp.slots is None else np.asarray(gp.slots, dtype=np.int64)
+                cuts[m.dim.value] = m.kept_indices(keep, slots)
+    return cuts
+
+
+def _cut(arr: np.ndarray, axis: int, kept: np.ndarray) -> np.ndarray:
+    return np.take(arr, kept, axis=axis)
+
+
+def _cut_feeds(feeds: dict, dg, cuts) -> dict:
+    """The dense feeds with each shrunk cache input cut to its kept heads."""
+    axis = {s.past: s.axis for s in getattr(dg, "state_pairs", ())}
+    return {k: _cut(v, axis[k], cuts[k]) if k in cuts and k in axis else v for k, v in feeds.items()}
+
+
+def _cut_outputs(names, outs, dg, cuts) -> list:
+    """Reference outputs with each shrunk cache output cut to its kept heads."""
+    axis = {s.present: s.axis for s in getattr(dg, "state_pairs", ())}
+    return [_cut(o, axis[n], cuts[n]) if n in cuts and n in axis else o for n, o in zip(names, outs)]
 
 
 def _compare_shapes(names, got, want) -> None:

@@ -270,12 +270,16 @@ class ModelInputs:
     feeds without creating a session."""
 
     def __init__(self, model):
+        from spa.state import state_symbols
+
         self._args = []
+        known = state_symbols(model)  # K/V cache dims the attention op fixes
         for v in model.graph.inputs:
             if v.name in model.graph.initializers:
                 continue
             shape = [] if v.shape is None else [d if isinstance(d, int) else getattr(d, "value", None)
                                                 for d in v.shape]
+            shape = [known.get(d, d) if isinstance(d, str) else d for d in shape]
             dtype = v.dtype.numpy() if v.dtype is not None else np.dtype(np.float32)
             name = next((k for k, t in _NP_TYPES.items() if np.dtype(t) == dtype), "tensor(float)")
             self._args.append(_Arg(v.name, shape, name))

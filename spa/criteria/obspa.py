@@ -25,7 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from spa.groups import Group
-from spa.calibration.activations import Consumer
+from spa.calibration.activations import Consumer, symmetric
 from spa.criteria.consumer import consumer_scores
 from spa.criteria.registry import Scores, ScoringInputs, criterion
 
@@ -33,12 +33,23 @@ DAMP = 0.01
 #: Reconstruct block by block when the model has cuts (False: from the dense model's H). Off by
 #: default: on a trained transformer it measured worse than the dense H (see examples/bench_obspa_cost.py).
 SEQUENTIAL = False
+#: Greedy removal holds a layer's Gram matrix WᵀW instead of W when W has more rows than columns
+#: (the residual-stream group's Q/K/V and FFN-input consumers, held for every layer at once).
+LEAN = True
 
 
 def damped_inverse(h: np.ndarray) -> np.ndarray:
-    """(H + λI)⁻¹ in float64, λ = DAMP · mean diag H."""
+    """(H + λI)⁻¹ in float64, λ = DAMP · mean diag H: by Cholesky (half the work of a general
+    inverse), a general inverse if the damped H is not positive definite."""
+    from scipy.linalg import lapack
+
     h = np.array(h, dtype=np.float64)
     h[np.diag_indices_from(h)] += DAMP * float(np.mean(np.diag(h))) + 1e-8
+    c, info = lapack.dpotrf(h, lower=0, clean=0)
+    if info == 0:
+        inv, info = lapack.dpotri(c, lower=0, overwrite_c=1)
+        if info == 0:
+            return symmetric(inv)
     return np.linalg.inv(h)
 
 
@@ -53,17 +64,28 @@ def _solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 class _Layer:
     """The consumers reading one input (one H) through the same columns, their weights stacked
     row-wise, and H⁻¹, during greedy removal: one inversion and one update for all of them.
-    (One consumer and its weight may be passed bare.)"""
+    (One consumer and its weight may be passed bare.)
 
-    def __init__(self, consumers, weights, h: np.ndarray, group_size: int):
+    ``lean``: when the stacked weight has more rows than columns, W is not held; its Gram
+    matrix G = WᵀW is (every loss reads W only through G), updated as W would be, and the
+    weights are solved once at the end from the original W and H⁻¹ for the whole removed set
+    (the same optimum: OBS steps compose). ``h`` may be a callable returning H."""
+
+    def __init__(self, consumers, weights, h, group_size: int, lean: bool = False):
         self.single = isinstance(consumers, Consumer)
         if self.single:
             consumers, weights = [consumers], [weights]
         self.consumers, self.weights = consumers, weights
+        self._h = h if callable(h) else (lambda: h)
         mats = [c.matrix(w).astype(np.float64) for c, w in zip(consumers, weights)]
         self.rows = np.cumsum([0] + [m.shape[0] for m in mats])
         self.w = np.concatenate(mats, axis=0)
-        self.hinv = damped_inverse(h)
+        del mats
+        self.g = None
+        self.removed: list[np.ndarray] = []
+        if lean and self.w.shape[0] > self.w.shape[1]:
+            self.g, self.w = self.w.T @ self.w, None
+        self.hinv = damped_inverse(self._h())
         col_ch = consumers[0].member.channel[consumers[0].column_channels()]
         order = np.argsort(col_ch, kind="stable")
         bounds = np.searchsorted(col_ch[order], np.arange(group_size + 1))
@@ -76,12 +98,15 @@ class _Layer:
         if all(self.cols[c].size == 1 for c in channels):
             idx = np.array([self.cols[c][0] for c in channels], dtype=np.int64)
             d = np.diag(self.hinv)[idx]
-            return 0.5 * (self.w[:, idx] ** 2).sum(axis=0) / np.maximum(d, 1e-12)
+            sq = np.diag(self.g)[idx] if self.w is None else (self.w[:, idx] ** 2).sum(axis=0)
+            return 0.5 * sq / np.maximum(d, 1e-12)
         return np.array([self.loss(self.cols[c]) for c in channels])
 
     def loss(self, q: np.ndarray) -> float:
         if q.size == 0:
             return 0.0
+        if self.w is None:  # ½ trace((H⁻¹[Q,Q])⁻¹ G[Q,Q])
+            return 0.5 * float(np.trace(_solve(self.hinv[np.ix_(q, q)], self.g[np.ix_(q, q)])))
         wq = self.w[:, q]
         return 0.5 * float(np.einsum("ij,ji->", wq, _solve(self.hinv[np.ix_(q, q)], wq.T)))
 
@@ -89,13 +114,33 @@ class _Layer:
         if q.size == 0:
             return
         step = _solve(self.hinv[np.ix_(q, q)], self.hinv[q, :])  # (H⁻¹[Q,Q])⁻¹ H⁻¹[Q,:]
-        self.w -= self.w[:, q] @ step
+        if self.w is None:  # G of W - W[:,Q] step
+            gs = self.g[:, q] @ step
+            self.g += step.T @ (self.g[np.ix_(q, q)] @ step) - gs - gs.T
+            self.g[q, :] = 0.0
+            self.g[:, q] = 0.0
+            self.removed.append(np.asarray(q, dtype=np.int64))
+        else:
+            self.w -= self.w[:, q] @ step
+            self.w[:, q] = 0.0
         self.hinv -= self.hinv[:, q] @ step
-        self.w[:, q] = 0.0
+
+    def _final(self) -> np.ndarray:
+        """The stacked weight after every removal."""
+        if self.w is not None:
+            return self.w
+        w = np.concatenate([c.matrix(a).astype(np.float64) for c, a in zip(self.consumers, self.weights)], axis=0)
+        if self.removed:
+            q = np.unique(np.concatenate(self.removed))
+            hinv = damped_inverse(self._h())
+            w -= w[:, q] @ _solve(hinv[np.ix_(q, q)], hinv[q, :])
+            w[:, q] = 0.0
+        return w
 
     def updates(self) -> dict[str, np.ndarray]:
         """Each consumer's updated weight, by parameter name."""
-        return {c.member.param: c.unmatrix(self.w[a:b], w).astype(w.dtype)
+        w_all = self._final()
+        return {c.member.param: c.unmatrix(w_all[a:b], w).astype(w.dtype)
                 for c, w, a, b in zip(self.consumers, self.weights, self.rows[:-1], self.rows[1:])}
 
     def updated(self) -> np.ndarray:
@@ -104,15 +149,24 @@ class _Layer:
         return arr
 
 
-def _layers(group: Group, cons: list[Consumer], weights, hs) -> list[_Layer]:
-    """One :class:`_Layer` per consumer input and column layout (Q, K and V share theirs)."""
+def _shared(cons: list[Consumer], hs) -> list[list[Consumer]]:
+    """The consumers grouped by input and column layout (Q, K and V share theirs)."""
     shared: dict[tuple, list[Consumer]] = {}
     for c in cons:
         if c.key in hs:
             layout = c.member.channel[c.column_channels()]
             shared.setdefault((c.key, layout.tobytes()), []).append(c)
-    return [_Layer(cs, [weights(c.member.param) for c in cs], hs[cs[0].key], group.size)
-            for cs in shared.values()]
+    return list(shared.values())
+
+
+def _layer(group: Group, cs: list[Consumer], weights, hs, lean: bool = False) -> _Layer:
+    key = cs[0].key
+    return _Layer(cs, [weights(c.member.param) for c in cs], lambda: hs[key], group.size, lean)
+
+
+def _layers(group: Group, cons: list[Consumer], weights, hs, lean: bool = False) -> list[_Layer]:
+    """One :class:`_Layer` per consumer input and column layout (Q, K and V share theirs)."""
+    return [_layer(group, cs, weights, hs, lean) for cs in _shared(cons, hs)]
 
 
 def _member_channels(group: Group) -> list[np.ndarray]:
@@ -123,7 +177,7 @@ def obs_select(group: Group, cons, weights, hs, n_keep: int, steps: int = 8):
     """Greedy structured OBS: remove ``size - n_keep`` channels in up to ``steps`` batches,
     updating H⁻¹ and the weights between batches; a channel whose removal would empty a member
     is kept. Returns (kept channels, {param: new weight})."""
-    layers = _layers(group, cons, weights, hs)
+    layers = _layers(group, cons, weights, hs, lean=LEAN)
     alive = list(range(group.size))
     to_remove = group.size - n_keep
     if not layers or to_remove <= 0:
@@ -154,15 +208,19 @@ def obs_select(group: Group, cons, weights, hs, n_keep: int, steps: int = 8):
             layer.remove(np.concatenate([layer.cols[c] for c in chosen]))
         alive = [c for c in alive if c not in chosen]
         to_remove -= len(chosen)
-    return tuple(sorted(alive)), {k: v for layer in layers for k, v in layer.updates().items()}
+    new: dict[str, np.ndarray] = {}
+    while layers:  # each layer's state goes as soon as its weights are out
+        new.update(layers.pop(0).updates())
+    return tuple(sorted(alive)), new
 
 
 def obs_scores(group: Group, cons, weights, hs) -> np.ndarray | None:
-    """Loss of removing each channel alone (summed over consumers)."""
-    layers = _layers(group, cons, weights, hs)
-    if not layers:
-        return None
-    return sum(layer.channel_losses(range(group.size)) for layer in layers)
+    """Loss of removing each channel alone (summed over consumers), one layer in memory at a time."""
+    total = None
+    for cs in _shared(cons, hs):
+        part = _layer(group, cs, weights, hs).channel_losses(range(group.size))
+        total = part if total is None else total + part
+    return total
 
 
 def _reconstruct_fixed(group: Group, cons, weights, hs, gp) -> dict:

@@ -249,6 +249,7 @@ def _obspa_prune(proto, monkeypatch, lean: bool):
 
     monkeypatch.setattr(obspa, "LEAN", lean)
     monkeypatch.setattr(activations, "SPILL_BYTES", 0 if lean else 1 << 62)
+    monkeypatch.setattr(obspa, "SPILL_STATE_BYTES", 0 if lean else 1 << 62)  # layer states on disk
     return spa.prune(proto, 0.3, criterion="obspa", calibration="gaussian", calibration_batches=2)
 
 

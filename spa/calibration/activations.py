@@ -70,26 +70,9 @@ def consumers(dg: DependencyGraph, group: Group) -> list[Consumer]:
     return out
 
 
-def gram_upper(cols: np.ndarray) -> np.ndarray:
-    """The upper triangle of XᵀX (float32, the lower left zero): a symmetric rank-k update,
-    half the work of the full product."""
-    from scipy.linalg import blas
-
-    x = np.asarray(cols, dtype=np.float32)
-    if x.shape[0] == 0:
-        return np.zeros((x.shape[1], x.shape[1]), np.float32)
-    return blas.ssyrk(1.0, x.T, trans=0, lower=0)  # x.T is Fortran-ordered: no copy
-
-
-def symmetric(upper: np.ndarray) -> np.ndarray:
-    """The full matrix from its upper triangle (the lower one overwritten, in place)."""
-    np.copyto(upper, upper.T, where=np.tri(upper.shape[0], k=-1, dtype=bool))
-    return upper
-
-
 class Accumulator:
-    """Running Σ XᵀX (float32 products, float64 sums of their upper triangles), row counts and
-    column sums per consumer input key."""
+    """Running Σ XᵀX (float32 products, float64 sums), row counts and column sums per consumer
+    input key."""
 
     def __init__(self, by_key: dict[tuple, Consumer], means: dict | None = None):
         self.by_key, self.means = by_key, means
@@ -101,7 +84,7 @@ class Accumulator:
             if c.x not in values:
                 continue
             cols = c.view.columns(np.asarray(values[c.x], dtype=np.float32))
-            h = gram_upper(cols)
+            h = cols.T @ cols
             if key in self.sums:
                 self.sums[key] += h
             else:
@@ -120,7 +103,7 @@ class Accumulator:
                     self.means[k] = self.means[k] / max(self.counts.get(k, 0), 1)
         out = {} if into is None else into
         for k in list(self.sums):
-            out[k] = symmetric(self.sums.pop(k) / max(self.counts[k], 1)).astype(np.float32)
+            out[k] = (self.sums.pop(k) / max(self.counts[k], 1)).astype(np.float32)
         return out
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from spa.groups import Group
-from spa.calibration.activations import Consumer, symmetric
+from spa.calibration.activations import Consumer
 from spa.criteria.consumer import consumer_scores
 from spa.criteria.registry import Scores, ScoringInputs, criterion
 
@@ -39,17 +39,9 @@ LEAN = True
 
 
 def damped_inverse(h: np.ndarray) -> np.ndarray:
-    """(H + λI)⁻¹ in float64, λ = DAMP · mean diag H: by Cholesky (half the work of a general
-    inverse), a general inverse if the damped H is not positive definite."""
-    from scipy.linalg import lapack
-
+    """(H + λI)⁻¹ in float64, λ = DAMP · mean diag H."""
     h = np.array(h, dtype=np.float64)
     h[np.diag_indices_from(h)] += DAMP * float(np.mean(np.diag(h))) + 1e-8
-    c, info = lapack.dpotrf(h, lower=0, clean=0)
-    if info == 0:
-        inv, info = lapack.dpotri(c, lower=0, overwrite_c=1)
-        if info == 0:
-            return symmetric(inv)
     return np.linalg.inv(h)
 
 
@@ -173,15 +165,70 @@ def _member_channels(group: Group) -> list[np.ndarray]:
     return [np.unique(m.channel) for m in group.members if m.size]
 
 
+#: A greedy removal whose layers' state (W or WᵀW, and H⁻¹) would weigh more than this keeps
+#: it in a private temporary folder between steps, one layer in memory at a time.
+SPILL_STATE_BYTES = 64 << 20
+
+
+class _StateStore:
+    """The arrays of a greedy removal's layers, on disk between steps (None: in memory)."""
+
+    FIELDS = ("w", "g", "hinv")
+
+    def __init__(self, spill: bool):
+        self.dir = None
+        if spill:
+            import shutil
+            import tempfile
+            import weakref
+
+            self.dir = tempfile.mkdtemp(prefix="spa-obs-")
+            weakref.finalize(self, shutil.rmtree, self.dir, True)
+
+    def put(self, i: int, layer: _Layer) -> None:
+        if self.dir is None:
+            return
+        for f in self.FIELDS:
+            arr = getattr(layer, f)
+            if arr is not None:
+                np.save(f"{self.dir}/{i}.{f}.npy", arr)
+                setattr(layer, f, _ON_DISK)
+
+    def get(self, i: int, layer: _Layer) -> _Layer:
+        for f in self.FIELDS:
+            if getattr(layer, f) is _ON_DISK:
+                setattr(layer, f, np.load(f"{self.dir}/{i}.{f}.npy"))
+        return layer
+
+
+_ON_DISK = object()
+
+
+def _state_bytes(cons, weights, hs, lean: bool) -> int:
+    """About what the greedy removal's layers hold: H⁻¹ and W (or WᵀW) per shared input."""
+    total = 0
+    for cs in _shared(cons, hs):
+        n = max(cs[0].column_channels().size, 1)
+        rows = sum(int(np.prod(np.shape(weights(c.member.param)))) // n for c in cs)
+        total += 8 * n * (n + (min(rows, n) if lean else rows))
+    return total
+
+
 def obs_select(group: Group, cons, weights, hs, n_keep: int, steps: int = 8):
     """Greedy structured OBS: remove ``size - n_keep`` channels in up to ``steps`` batches,
     updating H⁻¹ and the weights between batches; a channel whose removal would empty a member
-    is kept. Returns (kept channels, {param: new weight})."""
-    layers = _layers(group, cons, weights, hs, lean=LEAN)
+    is kept. Returns (kept channels, {param: new weight}). Each batch is removed from a layer
+    when the layer is next visited (the next step's losses, or its final weights), so a layer
+    whose state is on disk (:data:`SPILL_STATE_BYTES`) is read and written once per step."""
     alive = list(range(group.size))
     to_remove = group.size - n_keep
-    if not layers or to_remove <= 0:
+    if to_remove <= 0 or not _shared(cons, hs):
         return tuple(alive), {}
+    store = _StateStore(_state_bytes(cons, weights, hs, LEAN) > SPILL_STATE_BYTES)
+    layers = []
+    for i, cs in enumerate(_shared(cons, hs)):
+        layers.append(_layer(group, cs, weights, hs, lean=LEAN))
+        store.put(i, layers[-1])
     members = _member_channels(group)
     alive_in = [len(ch) for ch in members]
     member_of = [[] for _ in range(group.size)]
@@ -189,8 +236,20 @@ def obs_select(group: Group, cons, weights, hs, n_keep: int, steps: int = 8):
         for c in ch:
             member_of[int(c)].append(k)
     batch = max(1, int(np.ceil(to_remove / steps)))
+    pending: list[int] = []  # the last batch chosen, not yet removed from the layers
+
+    def visit(i: int) -> _Layer:
+        layer = store.get(i, layers[i])
+        if pending:
+            layer.remove(np.concatenate([layer.cols[c] for c in pending]))
+        return layer
+
     while to_remove > 0:
-        losses = sum(layer.channel_losses(alive) for layer in layers)
+        losses = 0
+        for i in range(len(layers)):
+            losses = losses + visit(i).channel_losses(alive)
+            store.put(i, layers[i])
+        pending = []
         take = min(batch, to_remove)
         chosen = []
         for i in np.argsort(losses, kind="stable"):
@@ -204,13 +263,13 @@ def obs_select(group: Group, cons, weights, hs, n_keep: int, steps: int = 8):
                 break
         if not chosen:
             break
-        for layer in layers:
-            layer.remove(np.concatenate([layer.cols[c] for c in chosen]))
+        pending = chosen
         alive = [c for c in alive if c not in chosen]
         to_remove -= len(chosen)
     new: dict[str, np.ndarray] = {}
-    while layers:  # each layer's state goes as soon as its weights are out
-        new.update(layers.pop(0).updates())
+    for i in range(len(layers)):  # each layer's state goes as soon as its weights are out
+        new.update(visit(i).updates())
+        layers[i] = None
     return tuple(sorted(alive)), new
 
 

@@ -1,7 +1,8 @@
 """Scale benchmark: a LLaMA-shaped decoder built directly as ONNX (weights streamed to an
 external data file layer by layer), then timed against same-run baselines.
 
-    python examples/bench_scale.py [--shape small|1.1b|7b] [--dtype float32|float16] [--obspa] [--run] [--keep]
+    python examples/bench_scale.py [--shape small|1.1b|7b] [--dtype float32|float16] [--obspa [--batches N]]
+        [--run] [--keep]
 
 Shapes: ``1.1b`` = TinyLlama (hidden 2048, 22 layers, 32 query / 4 K/V heads, SwiGLU 5632,
 vocab 32000); ``7b`` = LLaMA-2-7B (4096, 32 layers, 32 heads, 11008); ``small`` for a quick
@@ -12,7 +13,8 @@ as Unsqueeze/Expand/Reshape, a SwiGLU MLP, an LM head. Input shape is static (ba
 
 Measured, each in its own process (wall time; peak RSS from /usr/bin/time -v):
 ``cat`` of the files, an ``onnx.load`` + ``onnx.save`` (external data) round trip,
-``spa inspect``, ``spa prune --ratio 0.3 --criterion l1``, optionally ``--criterion obspa`` and
+``spa inspect``, ``spa prune --ratio 0.3 --criterion l1``, optionally ``--criterion obspa``
+(data-free, ``--batches`` calibration batches of the model's ``--seq`` tokens) and
 ``spa.prune`` from Python (``--api``: the same prune without the CLI's before/after table),
 and an onnxruntime session over the pruned file (``--run``: one run, too). It checks the free
 disk first and removes everything it wrote unless ``--keep``.
@@ -188,6 +190,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=16, help="tokens of the static input")
     ap.add_argument("--ratio", type=float, default=0.3)
     ap.add_argument("--obspa", action="store_true", help="also time --criterion obspa (data-free)")
+    ap.add_argument("--batches", type=int, default=8, help="--obspa: calibration batches")
     ap.add_argument("--api", action="store_true", help="also time spa.prune from Python (no before/after table)")
     ap.add_argument("--run", action="store_true", help="run the pruned model once in onnxruntime")
     ap.add_argument("--no-round-trip", action="store_true", help="skip the onnx load+save baseline")
@@ -230,7 +233,8 @@ def main() -> None:
                                             str(args.ratio)]))
         if args.obspa:
             steps.append(("spa_prune_obspa", [*spa, "prune", str(model), "-o", str(out / "pruned_obspa.onnx"),
-                                              "--ratio", str(args.ratio), "--criterion", "obspa"]))
+                                              "--ratio", str(args.ratio), "--criterion", "obspa",
+                                              "--calibration-batches", str(args.batches)]))
         steps.append(("ort_session_pruned", [sys.executable, "-c", SESSION, str(out / "pruned.onnx"),
                                              "1" if args.run else "0"]))
         for name, cmd in steps:
@@ -246,6 +250,10 @@ def main() -> None:
             figures["prune_over_round_trip"] = round(figures["spa_prune_l1"]["s"] / figures["onnx_round_trip"]["s"], 2)
         if figures["spa_prune_l1"]["rss_gib"]:
             figures["prune_rss_over_weights"] = round(figures["spa_prune_l1"]["rss_gib"] * 2**30 / weight_bytes, 2)
+        obs = figures.get("spa_prune_obspa")
+        if obs and obs["rc"] == 0 and obs["rss_gib"]:
+            figures["obspa_rss_over_weights"] = round(obs["rss_gib"] * 2**30 / weight_bytes, 2)
+            figures["obspa_over_l1_time"] = round(obs["s"] / figures["spa_prune_l1"]["s"], 2)
         print(json.dumps(figures, indent=1))
         if args.json:
             Path(args.json).write_text(json.dumps(figures, indent=1))

@@ -228,3 +228,113 @@ def test_bn_matched_inputs_reproduce_the_running_statistics():
     assert mismatch(x) < 0.2 * mismatch(noise)
     with pytest.raises(spa.ArgumentError, match="BatchNorm"):
         bn_matched_inputs(nn.Linear(3, 2), torch.randn(2, 3))
+
+
+# ---- memory-lean OBSPA: the same prune as the plain path, at most one block's H held ----------
+
+
+@pytest.fixture(scope="module")
+def small_transformers():
+    pytest.importorskip("torch")
+    import transformer_models as tm
+
+    bert, x = tm.bert()
+    llama, y = tm.llama(layers=2)
+    return {"bert": tm.export(bert, x, dynamo=False), "llama": tm.export(llama, y)}
+
+
+def _obspa_prune(proto, monkeypatch, lean: bool):
+    from spa.calibration import activations
+    from spa.criteria import obspa
+
+    monkeypatch.setattr(obspa, "LEAN", lean)
+    monkeypatch.setattr(activations, "SPILL_BYTES", 0 if lean else 1 << 62)
+    monkeypatch.setattr(obspa, "SPILL_STATE_BYTES", 0 if lean else 1 << 62)  # layer states on disk
+    return spa.prune(proto, 0.3, criterion="obspa", calibration="gaussian", calibration_batches=2)
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_lean_obspa_gives_the_keep_sets_and_weights_of_the_plain_path(name, small_transformers, monkeypatch):
+    proto = small_transformers[name]
+    lean = _obspa_prune(proto, monkeypatch, lean=True)
+    plain = _obspa_prune(proto, monkeypatch, lean=False)
+    keeps = {g.key: g.keep for g in plain.plan.groups}
+    assert {g.key: g.keep for g in lean.plan.groups} == keeps
+    assert any(len(g.keep) < g.size for g in plain.plan.groups)
+    hidden = [g for g in plain.graph.groups if g.kind == "hidden"]  # the group whose layers go lean
+    assert hidden and any(len(keeps[g.key]) < g.size for g in hidden)
+    got = {n: v.const_value.numpy() for n, v in lean.model.graph.initializers.items()}
+    want = {n: v.const_value.numpy() for n, v in plain.model.graph.initializers.items()}
+    assert got.keys() == want.keys()
+    for n in want:
+        np.testing.assert_allclose(got[n], want[n], rtol=1e-3, atol=1e-5 * (np.abs(want[n]).max() + 1e-12),
+                                   err_msg=n)
+    assert lean.fidelity.cosine == pytest.approx(plain.fidelity.cosine, abs=1e-4)
+
+
+def test_lean_layer_matches_the_plain_layer_step_by_step():
+    from spa.criteria.obspa import _Layer
+
+    model = spa.load(build(MLP))
+    dg = spa.dependency_graph(model)
+    g = dg.group("w1:1")
+    (c,) = consumers(dg, g)
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((16, 40)).astype(np.float32)  # 40 outputs over 16 columns: lean holds WᵀW
+    x = rng.standard_normal((64, 16))
+    h = x.T @ x / 64
+    plain = _Layer(c, w, h, g.size)
+    lean = _Layer(c, w, h, g.size, lean=True)
+    assert lean.w is None and plain.w is not None
+    for q in (np.array([2, 9]), np.array([5]), np.array([0, 11, 14])):
+        np.testing.assert_allclose(lean.channel_losses(range(16)), plain.channel_losses(range(16)), rtol=1e-9,
+                                   atol=1e-12)
+        assert lean.loss(q) == pytest.approx(plain.loss(q), rel=1e-9)
+        lean.remove(q)
+        plain.remove(q)
+    np.testing.assert_allclose(lean.updated(), plain.updated(), rtol=1e-6, atol=1e-9)
+
+
+def test_at_most_one_blocks_moments_are_held_while_scoring_and_reconstructing(small_transformers, monkeypatch):
+    from spa.calibration import activations, blockwise
+    from spa.criteria import obspa
+
+    monkeypatch.setattr(activations, "SPILL_BYTES", 0)  # every H spills: what is held is what is read
+    model = spa.load(small_transformers["llama"])
+    blocks = blockwise.partition(model)
+    assert len(blocks) >= 3
+    held = {"sums": 0, "live": 0}
+    add = activations.Accumulator.add
+
+    def counted_add(self, values):
+        add(self, values)
+        held["sums"] = max(held["sums"], sum(a.nbytes for a in self.sums.values()))
+
+    monkeypatch.setattr(activations.Accumulator, "add", counted_add)
+    getitem = activations.Moments.__getitem__
+
+    def counted_get(self, key):
+        value = getitem(self, key)
+        held["live"] = max(held["live"], self.live_bytes())
+        return value
+
+    monkeypatch.setattr(activations.Moments, "__getitem__", counted_get)
+    result = spa.prune(model, 0.3, criterion="obspa", calibration="gaussian", calibration_batches=2)
+    assert result.plan.pruned_groups
+    # the H of each block, by the block of its first consumer
+    dg = spa.dependency_graph(spa.load(small_transformers["llama"]))
+    stats = activations.collect_stats(dg.model, dg, "gaussian", 2)
+    where = blockwise.block_of_nodes(dg.model, stats.blocks)
+    per_block: dict[int, int] = {}
+    seen = set()
+    for cs in stats.consumers.values():
+        for c in cs:
+            if c.key in stats.moments and c.key not in seen:
+                seen.add(c.key)
+                n = int(np.prod(stats.moments[c.key].shape)) * 4
+                per_block[where[c.node.name]] = per_block.get(where[c.node.name], 0) + n
+    one_block = max(per_block.values())
+    assert sum(per_block.values()) > 2 * one_block  # holding all would show
+    assert 0 < held["sums"] <= 2 * one_block  # float64 sums of one block's keys only
+    assert 0 < held["live"] <= one_block
+    assert obspa.LEAN

@@ -13,6 +13,10 @@ never all held together.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,18 +84,27 @@ class Accumulator:
             if c.x not in values:
                 continue
             cols = c.view.columns(np.asarray(values[c.x], dtype=np.float32))
-            h = (cols.T @ cols).astype(np.float64)
-            self.sums[key] = self.sums.get(key, 0) + h
+            h = cols.T @ cols
+            if key in self.sums:
+                self.sums[key] += h
+            else:
+                self.sums[key] = h.astype(np.float64)
             self.counts[key] = self.counts.get(key, 0) + cols.shape[0]
             if self.means is not None:
                 self.means[key] = self.means.get(key, 0) + cols.sum(axis=0, dtype=np.float64)
 
-    def result(self) -> dict[tuple, np.ndarray]:
+    def result(self, into: dict | None = None) -> dict[tuple, np.ndarray]:
+        """The mean H of every key added so far, float32 once averaged (a model's H all together
+        weigh as much as its weights, not twice), moved into ``into`` when given; the sums are
+        dropped, so the accumulator can go on with the next block's keys."""
         if self.means is not None:
-            for k in list(self.means):
-                self.means[k] = self.means[k] / max(self.counts.get(k, 0), 1)
-        # float32 once averaged: a model's H all together weigh as much as its weights, not twice
-        return {k: (self.sums.pop(k) / max(self.counts[k], 1)).astype(np.float32) for k in list(self.sums)}
+            for k in list(self.sums):
+                if k in self.means:
+                    self.means[k] = self.means[k] / max(self.counts.get(k, 0), 1)
+        out = {} if into is None else into
+        for k in list(self.sums):
+            out[k] = (self.sums.pop(k) / max(self.counts[k], 1)).astype(np.float32)
+        return out
 
 
 def distinct_inputs(consumers_: list[Consumer]) -> dict[tuple, Consumer]:
@@ -127,18 +140,71 @@ def collect_blockwise(model, consumers_: list[Consumer], runner, means: dict | N
 
     acc = Accumulator(distinct_inputs(consumers_), means)
     where = block_of_nodes(model, runner.blocks)
+    out = Moments({}, means if means is not None else {})
     for block in runner.blocks:
         xs = sorted({c.x for c in acc.by_key.values() if where.get(c.node.name) == block.index})
         runner.run(block.index, acc.add, xs, transform=transform)
-    return acc.result()
+        acc.result(into=out)  # one block's float64 sums at a time; its H spill out of memory
+    return out
+
+
+#: An H larger than this is kept in a private temporary file, not in memory, between uses.
+SPILL_BYTES = 4 << 20
 
 
 class Moments(dict):
-    """H per consumer input (a dict), with the column means alongside (``.means``)."""
+    """H per consumer input (a dict), with the column means alongside (``.means``).
+
+    An H over :data:`SPILL_BYTES` is written to a private temporary folder (removed with the
+    object) and read back on each ``moments[key]``: whoever reads it holds it while using it,
+    so a large model's H (as heavy as its weights) never all sit in memory at once.
+    ``loaded`` counts the reads and ``live_bytes()`` what the reads handed out still hold."""
 
     def __init__(self, hs: dict, means: dict):
-        super().__init__(hs)
+        super().__init__()
         self.means = means
+        self._dir: str | None = None
+        self._live: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        self.loaded = 0
+        for k, v in hs.items():
+            self[k] = v
+
+    def __setitem__(self, key, value) -> None:
+        value = np.asarray(value)
+        if value.nbytes > SPILL_BYTES:
+            if self._dir is None:
+                self._dir = tempfile.mkdtemp(prefix="spa-moments-")
+                weakref.finalize(self, shutil.rmtree, self._dir, True)
+            path = os.path.join(self._dir, f"{len(os.listdir(self._dir))}.npy")
+            np.save(path, value)
+            value = _Spilled(path)
+        super().__setitem__(key, value)
+
+    def __getitem__(self, key) -> np.ndarray:
+        value = super().__getitem__(key)
+        if isinstance(value, _Spilled):
+            value = np.load(value.path)
+            self.loaded += 1
+            self._live[self.loaded] = value
+        return value
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+    def values(self):
+        return [self[k] for k in self]
+
+    def items(self):
+        return [(k, self[k]) for k in self]
+
+    def live_bytes(self) -> int:
+        """Bytes of the spilled H read back and still referenced somewhere."""
+        return sum(a.nbytes for a in list(self._live.values()))
+
+
+@dataclass(frozen=True, slots=True)
+class _Spilled:
+    path: str
 
 
 @dataclass(slots=True)
@@ -169,7 +235,7 @@ def collect_stats(model, dg, calibration, n_batches: int = 8, input_shapes: dict
         if len(blocks) > 1:
             hs = collect_blockwise(model, flat, blockwise.BlockRunner(model, feeds, blocks), means)
         else:
-            hs = collect(model, flat, feeds, means=means)
+            hs = Moments(collect(model, flat, feeds, means=means), means)
     else:
-        hs = {}
-    return Stats(cons, Moments(hs, means), feeds, blocks)
+        hs = Moments({}, means)
+    return Stats(cons, hs, feeds, blocks)

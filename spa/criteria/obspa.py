@@ -33,6 +33,9 @@ DAMP = 0.01
 #: Reconstruct block by block when the model has cuts (False: from the dense model's H). Off by
 #: default: on a trained transformer it measured worse than the dense H (see examples/bench_obspa_cost.py).
 SEQUENTIAL = False
+#: Greedy removal holds a layer's Gram matrix WᵀW instead of W when W has more rows than columns
+#: (the residual-stream group's Q/K/V and FFN-input consumers, held for every layer at once).
+LEAN = True
 
 
 def damped_inverse(h: np.ndarray) -> np.ndarray:
@@ -53,17 +56,28 @@ def _solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 class _Layer:
     """The consumers reading one input (one H) through the same columns, their weights stacked
     row-wise, and H⁻¹, during greedy removal: one inversion and one update for all of them.
-    (One consumer and its weight may be passed bare.)"""
+    (One consumer and its weight may be passed bare.)
 
-    def __init__(self, consumers, weights, h: np.ndarray, group_size: int):
+    ``lean``: when the stacked weight has more rows than columns, W is not held; its Gram
+    matrix G = WᵀW is (every loss reads W only through G), updated as W would be, and the
+    weights are solved once at the end from the original W and H⁻¹ for the whole removed set
+    (the same optimum: OBS steps compose). ``h`` may be a callable returning H."""
+
+    def __init__(self, consumers, weights, h, group_size: int, lean: bool = False):
         self.single = isinstance(consumers, Consumer)
         if self.single:
             consumers, weights = [consumers], [weights]
         self.consumers, self.weights = consumers, weights
+        self._h = h if callable(h) else (lambda: h)
         mats = [c.matrix(w).astype(np.float64) for c, w in zip(consumers, weights)]
         self.rows = np.cumsum([0] + [m.shape[0] for m in mats])
         self.w = np.concatenate(mats, axis=0)
-        self.hinv = damped_inverse(h)
+        del mats
+        self.g = None
+        self.removed: list[np.ndarray] = []
+        if lean and self.w.shape[0] > self.w.shape[1]:
+            self.g, self.w = self.w.T @ self.w, None
+        self.hinv = damped_inverse(self._h())
         col_ch = consumers[0].member.channel[consumers[0].column_channels()]
         order = np.argsort(col_ch, kind="stable")
         bounds = np.searchsorted(col_ch[order], np.arange(group_size + 1))
@@ -76,12 +90,15 @@ class _Layer:
         if all(self.cols[c].size == 1 for c in channels):
             idx = np.array([self.cols[c][0] for c in channels], dtype=np.int64)
             d = np.diag(self.hinv)[idx]
-            return 0.5 * (self.w[:, idx] ** 2).sum(axis=0) / np.maximum(d, 1e-12)
+            sq = np.diag(self.g)[idx] if self.w is None else (self.w[:, idx] ** 2).sum(axis=0)
+            return 0.5 * sq / np.maximum(d, 1e-12)
         return np.array([self.loss(self.cols[c]) for c in channels])
 
     def loss(self, q: np.ndarray) -> float:
         if q.size == 0:
             return 0.0
+        if self.w is None:  # ½ trace((H⁻¹[Q,Q])⁻¹ G[Q,Q])
+            return 0.5 * float(np.trace(_solve(self.hinv[np.ix_(q, q)], self.g[np.ix_(q, q)])))
         wq = self.w[:, q]
         return 0.5 * float(np.einsum("ij,ji->", wq, _solve(self.hinv[np.ix_(q, q)], wq.T)))
 
@@ -89,13 +106,33 @@ class _Layer:
         if q.size == 0:
             return
         step = _solve(self.hinv[np.ix_(q, q)], self.hinv[q, :])  # (H⁻¹[Q,Q])⁻¹ H⁻¹[Q,:]
-        self.w -= self.w[:, q] @ step
+        if self.w is None:  # G of W - W[:,Q] step
+            gs = self.g[:, q] @ step
+            self.g += step.T @ (self.g[np.ix_(q, q)] @ step) - gs - gs.T
+            self.g[q, :] = 0.0
+            self.g[:, q] = 0.0
+            self.removed.append(np.asarray(q, dtype=np.int64))
+        else:
+            self.w -= self.w[:, q] @ step
+            self.w[:, q] = 0.0
         self.hinv -= self.hinv[:, q] @ step
-        self.w[:, q] = 0.0
+
+    def _final(self) -> np.ndarray:
+        """The stacked weight after every removal."""
+        if self.w is not None:
+            return self.w
+        w = np.concatenate([c.matrix(a).astype(np.float64) for c, a in zip(self.consumers, self.weights)], axis=0)
+        if self.removed:
+            q = np.unique(np.concatenate(self.removed))
+            hinv = damped_inverse(self._h())
+            w -= w[:, q] @ _solve(hinv[np.ix_(q, q)], hinv[q, :])
+            w[:, q] = 0.0
+        return w
 
     def updates(self) -> dict[str, np.ndarray]:
         """Each consumer's updated weight, by parameter name."""
-        return {c.member.param: c.unmatrix(self.w[a:b], w).astype(w.dtype)
+        w_all = self._final()
+        return {c.member.param: c.unmatrix(w_all[a:b], w).astype(w.dtype)
                 for c, w, a, b in zip(self.consumers, self.weights, self.rows[:-1], self.rows[1:])}
 
     def updated(self) -> np.ndarray:
@@ -104,30 +141,94 @@ class _Layer:
         return arr
 
 
-def _layers(group: Group, cons: list[Consumer], weights, hs) -> list[_Layer]:
-    """One :class:`_Layer` per consumer input and column layout (Q, K and V share theirs)."""
+def _shared(cons: list[Consumer], hs) -> list[list[Consumer]]:
+    """The consumers grouped by input and column layout (Q, K and V share theirs)."""
     shared: dict[tuple, list[Consumer]] = {}
     for c in cons:
         if c.key in hs:
             layout = c.member.channel[c.column_channels()]
             shared.setdefault((c.key, layout.tobytes()), []).append(c)
-    return [_Layer(cs, [weights(c.member.param) for c in cs], hs[cs[0].key], group.size)
-            for cs in shared.values()]
+    return list(shared.values())
+
+
+def _layer(group: Group, cs: list[Consumer], weights, hs, lean: bool = False) -> _Layer:
+    key = cs[0].key
+    return _Layer(cs, [weights(c.member.param) for c in cs], lambda: hs[key], group.size, lean)
+
+
+def _layers(group: Group, cons: list[Consumer], weights, hs, lean: bool = False) -> list[_Layer]:
+    """One :class:`_Layer` per consumer input and column layout (Q, K and V share theirs)."""
+    return [_layer(group, cs, weights, hs, lean) for cs in _shared(cons, hs)]
 
 
 def _member_channels(group: Group) -> list[np.ndarray]:
     return [np.unique(m.channel) for m in group.members if m.size]
 
 
+#: A greedy removal whose layers' state (W or WᵀW, and H⁻¹) would weigh more than this keeps
+#: it in a private temporary folder between steps, one layer in memory at a time.
+SPILL_STATE_BYTES = 64 << 20
+
+
+class _StateStore:
+    """The arrays of a greedy removal's layers, on disk between steps (None: in memory)."""
+
+    FIELDS = ("w", "g", "hinv")
+
+    def __init__(self, spill: bool):
+        self.dir = None
+        if spill:
+            import shutil
+            import tempfile
+            import weakref
+
+            self.dir = tempfile.mkdtemp(prefix="spa-obs-")
+            weakref.finalize(self, shutil.rmtree, self.dir, True)
+
+    def put(self, i: int, layer: _Layer) -> None:
+        if self.dir is None:
+            return
+        for f in self.FIELDS:
+            arr = getattr(layer, f)
+            if arr is not None:
+                np.save(f"{self.dir}/{i}.{f}.npy", arr)
+                setattr(layer, f, _ON_DISK)
+
+    def get(self, i: int, layer: _Layer) -> _Layer:
+        for f in self.FIELDS:
+            if getattr(layer, f) is _ON_DISK:
+                setattr(layer, f, np.load(f"{self.dir}/{i}.{f}.npy"))
+        return layer
+
+
+_ON_DISK = object()
+
+
+def _state_bytes(cons, weights, hs, lean: bool) -> int:
+    """About what the greedy removal's layers hold: H⁻¹ and W (or WᵀW) per shared input."""
+    total = 0
+    for cs in _shared(cons, hs):
+        n = max(cs[0].column_channels().size, 1)
+        rows = sum(int(np.prod(np.shape(weights(c.member.param)))) // n for c in cs)
+        total += 8 * n * (n + (min(rows, n) if lean else rows))
+    return total
+
+
 def obs_select(group: Group, cons, weights, hs, n_keep: int, steps: int = 8):
     """Greedy structured OBS: remove ``size - n_keep`` channels in up to ``steps`` batches,
     updating H⁻¹ and the weights between batches; a channel whose removal would empty a member
-    is kept. Returns (kept channels, {param: new weight})."""
-    layers = _layers(group, cons, weights, hs)
+    is kept. Returns (kept channels, {param: new weight}). Each batch is removed from a layer
+    when the layer is next visited (the next step's losses, or its final weights), so a layer
+    whose state is on disk (:data:`SPILL_STATE_BYTES`) is read and written once per step."""
     alive = list(range(group.size))
     to_remove = group.size - n_keep
-    if not layers or to_remove <= 0:
+    if to_remove <= 0 or not _shared(cons, hs):
         return tuple(alive), {}
+    store = _StateStore(_state_bytes(cons, weights, hs, LEAN) > SPILL_STATE_BYTES)
+    layers = []
+    for i, cs in enumerate(_shared(cons, hs)):
+        layers.append(_layer(group, cs, weights, hs, lean=LEAN))
+        store.put(i, layers[-1])
     members = _member_channels(group)
     alive_in = [len(ch) for ch in members]
     member_of = [[] for _ in range(group.size)]
@@ -135,8 +236,20 @@ def obs_select(group: Group, cons, weights, hs, n_keep: int, steps: int = 8):
         for c in ch:
             member_of[int(c)].append(k)
     batch = max(1, int(np.ceil(to_remove / steps)))
+    pending: list[int] = []  # the last batch chosen, not yet removed from the layers
+
+    def visit(i: int) -> _Layer:
+        layer = store.get(i, layers[i])
+        if pending:
+            layer.remove(np.concatenate([layer.cols[c] for c in pending]))
+        return layer
+
     while to_remove > 0:
-        losses = sum(layer.channel_losses(alive) for layer in layers)
+        losses = 0
+        for i in range(len(layers)):
+            losses = losses + visit(i).channel_losses(alive)
+            store.put(i, layers[i])
+        pending = []
         take = min(batch, to_remove)
         chosen = []
         for i in np.argsort(losses, kind="stable"):
@@ -150,19 +263,23 @@ def obs_select(group: Group, cons, weights, hs, n_keep: int, steps: int = 8):
                 break
         if not chosen:
             break
-        for layer in layers:
-            layer.remove(np.concatenate([layer.cols[c] for c in chosen]))
+        pending = chosen
         alive = [c for c in alive if c not in chosen]
         to_remove -= len(chosen)
-    return tuple(sorted(alive)), {k: v for layer in layers for k, v in layer.updates().items()}
+    new: dict[str, np.ndarray] = {}
+    for i in range(len(layers)):  # each layer's state goes as soon as its weights are out
+        new.update(visit(i).updates())
+        layers[i] = None
+    return tuple(sorted(alive)), new
 
 
 def obs_scores(group: Group, cons, weights, hs) -> np.ndarray | None:
-    """Loss of removing each channel alone (summed over consumers)."""
-    layers = _layers(group, cons, weights, hs)
-    if not layers:
-        return None
-    return sum(layer.channel_losses(range(group.size)) for layer in layers)
+    """Loss of removing each channel alone (summed over consumers), one layer in memory at a time."""
+    total = None
+    for cs in _shared(cons, hs):
+        part = _layer(group, cs, weights, hs).channel_losses(range(group.size))
+        total = part if total is None else total + part
+    return total
 
 
 def _reconstruct_fixed(group: Group, cons, weights, hs, gp) -> dict:

@@ -200,6 +200,12 @@ def _cmd_prune(args) -> int:
     print(f"ran on: {result.device}")
     for f in result.folder:
         print(f.line(Path(args.output).parent))
+    from spa.report import signature_changes, signature_lines
+
+    changes = signature_changes(result.dense, result.model) if result.dense is not None else []
+    if changes:
+        print(f"changed graph inputs/outputs: {len(changes)}")
+        print("\n".join(signature_lines(changes)))
     if result.equivalence is not None and not result.equivalence.skipped:
         print(f"check: {result.equivalence.summary()} (on {result.device})")
     for note in result.notes:

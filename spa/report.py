@@ -85,6 +85,7 @@ def inspect_dict(dg: DependencyGraph) -> dict:
     cov = coverage(dg)
     return {
         "blocks": [asdict(b) for b in find_blocks(dg.model)],
+        "state": [s.as_dict() for s in getattr(dg, "state_pairs", ())],
         "parameters": {"prunable": cov.prunable, "total": cov.total, "share": round(cov.share, 6)},
         "groups": [
             {
@@ -173,6 +174,11 @@ def inspect_text(dg: DependencyGraph, show_all: bool = False) -> str:
         out.append(f"Attention layers: {len(attention)} (a unit is one KV group: its K/V heads and the query heads "
                    "that read them; head_dim is never cut)")
         out.extend(attention)
+    state = state_lines(dg)
+    if state:
+        out.append("")
+        out.append(f"State (KV cache): {len(state)} graph input/output pairs, pruned with their K/V heads")
+        out.extend(state)
     blocks = block_lines(find_blocks(dg.model))
     if blocks:
         out.append("")
@@ -193,3 +199,33 @@ def inspect_text(dg: DependencyGraph, show_all: bool = False) -> str:
     if hidden > 0:
         out.append(f"({hidden} more barriers touch only shape computations or unprunable axes; --all lists them)")
     return "\n".join(out)
+
+
+def _shape_text(v) -> str:
+    if v.shape is None:
+        return "?"
+    return "[" + ", ".join(str(d if isinstance(d, int) else getattr(d, "value", d)) for d in v.shape) + "]"
+
+
+def signature_changes(dense, pruned) -> list[dict]:
+    """Graph inputs and outputs whose shape differs between ``dense`` and ``pruned`` (onnx_ir
+    models): ``{"name", "kind": "input"|"output", "before", "after"}``, symbolic dims by name."""
+    out = []
+    for kind in ("input", "output"):
+        before = {v.name: v for v in getattr(dense.graph, kind + "s")}
+        for v in getattr(pruned.graph, kind + "s"):
+            old = before.get(v.name)
+            if old is not None and _shape_text(old) != _shape_text(v):
+                out.append({"name": v.name, "kind": kind, "before": _shape_text(old), "after": _shape_text(v)})
+    return out
+
+
+def signature_lines(changes) -> list[str]:
+    """``name: [before] -> [after]`` per changed graph input/output."""
+    return [f"  {c['name']}: {c['before']} -> {c['after']}" for c in changes]
+
+
+def state_lines(dg: DependencyGraph) -> list[str]:
+    """One line per K/V cache pair found (``spa.state``)."""
+    return [f"  {s.past} -> {s.present}  (heads axis {s.axis}, read by {s.op} {s.node})"
+            for s in getattr(dg, "state_pairs", ())]

@@ -307,6 +307,10 @@ def _cmd_sensitivity(args) -> int:
     import spa
 
     prog = Progress(True)
+    if args.plot:  # before the measurement: a missing matplotlib should not cost the run
+        from spa.sensitivity_report import _pyplot
+
+        _pyplot()
     result = spa.sensitivity(args.model, ratios=args.ratios, criterion=args.criterion, reduction=args.reduction,
                              normalization=args.normalization, calibration=args.calibration,
                              calibration_batches=args.calibration_batches, input_shapes=_input_shapes(args.input_shape),

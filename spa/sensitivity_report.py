@@ -235,6 +235,7 @@ def _what(calibration) -> str:
 
 
 def _pyplot():
+    """matplotlib's pyplot on the Agg backend; an ArgumentError saying how to install it."""
     try:
         import matplotlib
     except ImportError:
@@ -400,9 +401,10 @@ def sensitivity(model, ratios=DEFAULT_RATIOS, criterion: str = "l1", calibration
         raise ArgumentError(f"criterion '{criterion}' needs an nn.Module and gradients; the sensitivity report "
                             "scores ONNX models: use l1, l2, random, bn, wanda, flap or obspa")
     if not isinstance(calibration_batches, int) or calibration_batches < 1:
-        raise ArgumentError(f"calibration_batches={calibration_batches!r} must be a positive integer")
+        raise ArgumentError(f"calibration_batches={calibration_batches!r} (--calibration-batches) must be a "
+                            "positive integer")
     if latency and (not isinstance(latency_runs, int) or latency_runs < 1):
-        raise ArgumentError(f"latency_runs={latency_runs!r} must be a positive integer")
+        raise ArgumentError(f"latency_runs={latency_runs!r} (--runs) must be a positive integer")
     with runtime.use_device(device, provider) as dev:
         with progress.step("hashing the model"):
             digest = disk.model_digest(model)

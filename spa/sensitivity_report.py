@@ -300,18 +300,14 @@ class _Probes:
 
     def __init__(self, model, groups, feeds, input_shapes, latency: bool, runs: int, threads):
         from spa import runtime
-        from spa.allocation.sensitivity import _session_with_weight_inputs
+        from spa.allocation.sensitivity import masking_session
         from spa.io import to_proto
         from spa.metrics import count_macs, count_params
 
         self.model, self.feeds, self.input_shapes = model, feeds, input_shapes
         self.latency, self.runs, self.threads = latency, runs, threads
         proto = to_proto(model)
-        floats = {i.name for i in proto.graph.initializer if i.data_type in (1, 10, 11, 16)}
-        names = {m.param for g in groups for m in g.params if m.param in floats}
-        self.values = {n: v.const_value.numpy() for n, v in model.graph.initializers.items() if n in names}
-        self.sess = _session_with_weight_inputs(proto, set(self.values))
-        self.outs = [o.name for o in self.sess.get_outputs()]
+        self.sess, self.outs, self.values = masking_session(model, groups, proto)
         self.base = [a for f in feeds for a in self.sess.run(self.outs, {**f, **self.values})]
         self.params, self.macs = count_params(model), count_macs(model, input_shapes)
         self.dense_ms = self.dense_sess = None

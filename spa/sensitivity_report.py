@@ -32,6 +32,7 @@ JSON schema (``spa.sensitivity/1``)::
      "ranking": str,                        # how "units" is ordered
      "latency_method": "measured" | null,
      "seconds": float,                      # time the measurement took
+     "notes": [str],                        # units left out (pruning them alone fails) and why
      "units": [{"key": str,                 # group key (w1:0) or layer key (layer3, block2)
                 "kind": "group" | "layer",
                 "group_kind": "channels" | "heads" | "hidden" | null,   # groups only
@@ -153,7 +154,7 @@ class SensitivityResult:
 
     def to_dict(self) -> dict:
         return {"schema": SCHEMA, "model": dict(self.model), "settings": dict(self.settings), "ranking": RANKING,
-                "latency_method": self.latency_method, "seconds": self.seconds,
+                "latency_method": self.latency_method, "seconds": self.seconds, "notes": list(self.notes),
                 "units": [u.to_dict() for u in self.units]}
 
     @classmethod
@@ -161,7 +162,7 @@ class SensitivityResult:
         if d.get("schema") != SCHEMA:
             raise ArgumentError(f"not a {SCHEMA} sensitivity report (schema {d.get('schema')!r})")
         return cls(d["model"], d["settings"], [Unit.from_dict(u) for u in d["units"]], d.get("latency_method"),
-                   float(d.get("seconds", 0.0)))
+                   float(d.get("seconds", 0.0)), notes=list(d.get("notes", [])))
 
     def to_json(self, path) -> Path:
         import json
@@ -437,6 +438,7 @@ def sensitivity(model, ratios=DEFAULT_RATIOS, criterion: str = "l1", calibration
 def _measure(source, ratios, spec, calibration, batches, input_shapes, seed, reduction, normalization, latency,
              runs, threads, progress) -> SensitivityResult:
     from spa import calibration as cal
+    from spa import runtime
     from spa.api import load
     from spa.criteria import score_groups
     from spa.depgraph import DependencyGraph
@@ -466,13 +468,19 @@ def _measure(source, ratios, spec, calibration, batches, input_shapes, seed, red
     with progress.step("running the dense model" + (" and timing it" if latency else "")):
         probes = _Probes(model, groups, feeds, input_shapes, latency, runs, threads)
     todo = [(g.key, "group", [g]) for g in groups] + [(name, "layer", gs) for name, gs in layers.items()]
-    units, done = [], {}
+    units, done, notes = [], {}, []
     every = max(1, len(todo) // 10)
     progress.note(f"pruning {len(groups)} groups and {len(layers)} layers alone at {len(ratios)} ratios")
     for i, (key, kind, gs) in enumerate(todo):
         keys = tuple(g.key for g in gs)
         if keys not in done:  # a layer of one group is that group
-            done[keys] = tuple(probes.probe([(g, _removed(g, scores[g.key], r)) for g in gs], r) for r in ratios)
+            try:
+                done[keys] = tuple(probes.probe([(g, _removed(g, scores[g.key], r)) for g in gs], r) for r in ratios)
+            except (SpaError, *runtime.ort_errors()) as exc:
+                done[keys] = " ".join(str(exc).split())[:300]
+        if isinstance(done[keys], str):
+            notes.append(f"{kind} {key}: not measured, pruning it alone fails ({done[keys]})")
+            continue
         units.append(Unit(key, kind, gs[0].kind if kind == "group" else None,
                           layer_of.get(key) if kind == "group" else None, keys,
                           sum(g.size for g in gs), all(g.exact for g in gs), done[keys]))
@@ -480,4 +488,4 @@ def _measure(source, ratios, spec, calibration, batches, input_shapes, seed, red
             progress.note(f"  {i + 1}/{len(todo)} units ({time.perf_counter() - t0:.1f}s)")
     units.sort(key=lambda u: (u.kind != "group", u.rank_key()))
     return SensitivityResult({"params": probes.params, "macs": probes.macs, "latency_ms": probes.dense_ms}, {},
-                             units, "measured" if latency else None, time.perf_counter() - t0)
+                             units, "measured" if latency else None, time.perf_counter() - t0, notes=notes)

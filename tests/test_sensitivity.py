@@ -143,7 +143,7 @@ def test_json_schema_and_round_trip(model_file, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "ranked least sensitive first" in text and "w1a:1" in text.splitlines()[3]
     data = json.loads(out.read_text())
-    assert data["schema"] == "spa.sensitivity/1" and data["latency_method"] is None
+    assert data["schema"] == "spa.sensitivity/1" and data["latency_method"] is None and data["notes"] == []
     assert set(data["model"]) == {"sha256", "params", "macs", "latency_ms"} and len(data["model"]["sha256"]) == 64
     assert data["settings"]["ratios"] == [0.1, 0.5] and data["settings"]["criterion"] == "l1"
     assert data["settings"]["calibration"] is None and data["settings"]["seed"] == 0
@@ -236,6 +236,25 @@ def test_user_errors_are_spa_errors(model_file, capsys, args, message):
     assert main(["sensitivity", str(model_file), *args]) == 1
     err = capsys.readouterr().err
     assert "spa: error: " in err and message in err.split("spa: error: ", 1)[1] and "Traceback" not in err
+
+
+def test_a_unit_that_cannot_be_pruned_alone_is_left_out_with_a_note(monkeypatch):
+    from spa import sensitivity_report as sr
+    from spa.errors import PlanError
+
+    probe = sr._Probes.probe
+
+    def failing(self, chosen, ratio):
+        if any(g.key == "w2a:1" for g, _ in chosen):
+            raise PlanError("plan group 'w2a:1' cannot be applied")
+        return probe(self, chosen, ratio)
+
+    monkeypatch.setattr(sr._Probes, "probe", failing)
+    first = spa.sensitivity(residual_mlp())
+    assert {u.key for u in first.units} == {"w0a:1", "w1a:1", "block0", "block1"}
+    assert first.notes == ["group w2a:1: not measured, pruning it alone fails (plan group 'w2a:1' cannot be applied)",
+                           "layer block2: not measured, pruning it alone fails (plan group 'w2a:1' cannot be applied)"]
+    assert spa.sensitivity(residual_mlp()).notes == first.notes  # kept in the cache
 
 
 def test_an_unprunable_model_says_so(tmp_path, capsys):

@@ -9,9 +9,10 @@ cosine of the graph outputs against the dense model on the calibration inputs
 onnxruntime session whose group weights are graph inputs (``spa.allocation.sensitivity``): by the
 masked-equivalence invariant that is the pruned model's output. Inexact groups (a norm over the
 pruned axis) and layers holding one are run *pruned* (a pruned copy in its own session).
-Parameters and MACs saved come from the pruned-alone model (``spa.metrics``); with
-``latency=True`` so does the time saved: median onnxruntime latency of the dense model minus
-that of the pruned-alone model (*measured*, timing-dependent). No compensation (OBSPA's
+Parameters and MACs saved come from the pruned-alone model (``spa.metrics``; MACs of one
+forward pass at ``input_shapes``, default batch 1); with ``latency=True`` so does the time
+saved: median onnxruntime latency of the dense model minus that of the pruned-alone model, on
+random inputs of ``input_shapes`` as ``spa bench`` times them (*measured*, timing-dependent). No compensation (OBSPA's
 reconstruction, FLAP's bias) is applied: the criterion only chooses the channels.
 
 Units are ranked least sensitive first (the safest to prune at the top): by relative error at
@@ -313,9 +314,10 @@ class _Probes:
         self.base = [a for f in feeds for a in self.sess.run(self.outs, {**f, **self.values})]
         self.params, self.macs = count_params(model), count_macs(model, input_shapes)
         self.dense_ms = self.dense_sess = None
-        if latency:
+        if latency:  # timed on the inputs MACs are counted for (as `spa bench` does)
             self.dense_sess = runtime.session(proto, threads=threads)
-            self.dense_ms = runtime.latency_ms(self.dense_sess, feeds[0], runs=runs)
+            self.timed = runtime.random_feeds(self.dense_sess, input_shapes)
+            self.dense_ms = runtime.latency_ms(self.dense_sess, self.timed, runs=runs)
 
     def _saved_ms(self, sess) -> float:
         """Median dense latency minus median pruned latency, the two timed in alternation (one
@@ -324,8 +326,8 @@ class _Probes:
 
         dense, pruned = [], []
         for _ in range(self.runs):
-            dense.append(runtime.latency_ms(self.dense_sess, self.feeds[0], warmup=1, runs=1))
-            pruned.append(runtime.latency_ms(sess, self.feeds[0], warmup=1, runs=1))
+            dense.append(runtime.latency_ms(self.dense_sess, self.timed, warmup=1, runs=1))
+            pruned.append(runtime.latency_ms(sess, self.timed, warmup=1, runs=1))
         return float(np.median(dense) - np.median(pruned))
 
     def probe(self, chosen: list, ratio: float) -> Probe:

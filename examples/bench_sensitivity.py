@@ -61,7 +61,7 @@ def main() -> None:
         layers = sr.layer_groups(model, groups)
         units = [[g] for g in groups] + [gs for gs in layers.values() if len(gs) > 1]
         feeds = cal.batches(calibration, model, ModelInputs(model), 2, None, 0)[:2]
-        probes = sr._Probes(model, groups, feeds, None, False, 0, None)
+        probes = sr._Probes(dg, groups, feeds, None, False, 0, None)
         masked = min(_probe_all(probes, units, scores, ratios)[0] for _ in range(args.repeat))
         _, got_masked = _probe_all(probes, units, scores, ratios)
         probes.mask = False

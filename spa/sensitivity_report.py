@@ -298,21 +298,33 @@ def layer_groups(model, groups) -> dict[str, list]:
 
 class _Probes:
     """Runs the model with a set of groups pruned: masked in one session when all are exact,
-    else a pruned copy; counts what the pruned copy saves."""
+    else a pruned copy. What it saves is counted from shapes (``spa.metrics.Counter``) where
+    the plan only slices the groups' axes, else on the pruned copy."""
 
-    def __init__(self, model, groups, feeds, input_shapes, latency: bool, runs: int, threads):
+    def __init__(self, dg, groups, feeds, input_shapes, latency: bool, runs: int, threads):
+        from collections import defaultdict
+
         from spa import runtime
         from spa.allocation.sensitivity import masking_session
         from spa.io import to_proto
-        from spa.metrics import count_macs, count_params
+        from spa.metrics import Counter
 
+        model = dg.model
         self.model, self.feeds, self.input_shapes = model, feeds, input_shapes
+        self.coupled = defaultdict(set)  # value -> nodes that tie its axes to a group (as the rewrite reads it)
+        for e in dg.edges:
+            self.coupled[e.src.value].add(e.node)
+            self.coupled[e.dst.value].add(e.node)
         self.latency, self.runs, self.threads = latency, runs, threads
         self.mask = True  # False: every unit runs its pruned copy (examples/bench_sensitivity.py)
+        self.count_from_shapes = True  # False: every unit is counted on its pruned copy (tests)
         proto = to_proto(model)
         self.sess, self.outs, self.values = masking_session(model, groups, proto)
         self.base = [a for f in feeds for a in self.sess.run(self.outs, {**f, **self.values})]
-        self.params, self.macs = count_params(model), count_macs(model, input_shapes)
+        self.counter = Counter(model, input_shapes)
+        self.params, self.macs = self.counter.params(), self.counter.macs()
+        self.plain = (len(list(model.graphs())) == 1  # MAC formulas of contrib ops read attributes
+                      and all(n.domain in ("", "ai.onnx") for n in model.graph))
         self.dense_ms = self.dense_sess = None
         if latency:  # timed on the inputs MACs are counted for (as `spa bench` does)
             self.dense_sess = runtime.session(proto, threads=threads)
@@ -330,23 +342,41 @@ class _Probes:
             pruned.append(runtime.latency_ms(sess, self.timed, warmup=1, runs=1))
         return float(np.median(dense) - np.median(pruned))
 
+    def _shrunk(self, chosen) -> dict | None:
+        """(value, axis) -> size left when ``chosen`` is pruned, or None where slicing the
+        groups' axes is not all the plan does (a constant that a node outside the group also
+        reads is copied) or where a known shape disagrees with the group."""
+        graph = self.model.graph
+        out = {}
+        for g, removed in chosen:
+            keep = np.setdiff1d(np.arange(g.size), removed)
+            for m in g.members:
+                if m.dim.virtual:
+                    continue
+                shape = self.counter.shapes.get(m.dim.value)
+                if shape is None:  # no count reads it: the dense count did without it too
+                    continue
+                if shape[m.dim.axis] != m.size:
+                    return None
+                init = graph.initializers.get(m.dim.value)
+                coupled = self.coupled[m.dim.value]
+                if init is not None and any((node.name or f"<{node.op_type}>") not in coupled for node, _ in init.uses()):
+                    return None
+                out[(m.dim.value, m.dim.axis)] = int(m.kept_indices(keep).size)
+        return out
+
     def probe(self, chosen: list, ratio: float) -> Probe:
         """``chosen``: (group, removed channels) pairs pruned together."""
         from spa import runtime
-        from spa.api import pruned_copy
         from spa.equivalence import fidelity
         from spa.io import to_proto
-        from spa.metrics import count_macs, count_params
-        from spa.plan import GroupPlan, Plan
 
         removed = sum(len(r) for _, r in chosen)
         if not removed:
             return Probe(ratio, 0, 0.0, 1.0, 0, 0, 0.0 if self.latency else None, "masked")
-        drop = {g.key: r for g, r in chosen}
-        plan = Plan(tuple(GroupPlan(g.key, g.size, tuple(int(i) for i in np.setdiff1d(np.arange(g.size), drop[g.key])))
-                          for g, _ in chosen))
-        pruned = pruned_copy(self.model, plan)
         exact = self.mask and all(g.exact for g, _ in chosen)
+        shrunk = self._shrunk(chosen) if self.count_from_shapes and self.plain else None
+        pruned = self._pruned(chosen) if not exact or self.latency or shrunk is None else None
         sess = None
         if exact:
             from spa.allocation.sensitivity import _masked
@@ -362,8 +392,21 @@ class _Probes:
         saved_ms = None
         if self.latency:
             saved_ms = self._saved_ms(sess or runtime.session(to_proto(pruned), threads=self.threads))
-        return Probe(ratio, removed, fid.rel_error, fid.cosine, self.params - count_params(pruned),
-                     self.macs - count_macs(pruned, self.input_shapes), saved_ms, "masked" if exact else "pruned")
+        if shrunk is not None:
+            params, macs = self.counter.params(shrunk), self.counter.macs(shrunk)
+        else:
+            from spa.metrics import count_macs, count_params
+
+            params, macs = count_params(pruned), count_macs(pruned, self.input_shapes)
+        return Probe(ratio, removed, fid.rel_error, fid.cosine, self.params - params, self.macs - macs, saved_ms,
+                     "masked" if exact else "pruned")
+
+    def _pruned(self, chosen):
+        from spa.api import pruned_copy
+        from spa.plan import GroupPlan, Plan
+
+        return pruned_copy(self.model, Plan(tuple(
+            GroupPlan(g.key, g.size, tuple(int(i) for i in np.setdiff1d(np.arange(g.size), r))) for g, r in chosen)))
 
 
 def _settings(model_hash, ratios, criterion, reduction, normalization, calibration, batches, seed, input_shapes,
@@ -469,7 +512,7 @@ def _measure(source, ratios, spec, calibration, batches, input_shapes, seed, red
         layers = layer_groups(model, groups)
     layer_of = {g.key: name for name, gs in layers.items() for g in gs}
     with progress.step("running the dense model" + (" and timing it" if latency else "")):
-        probes = _Probes(model, groups, feeds, input_shapes, latency, runs, threads)
+        probes = _Probes(dg, groups, feeds, input_shapes, latency, runs, threads)
     todo = [(g.key, "group", [g]) for g in groups] + [(name, "layer", gs) for name, gs in layers.items()]
     units, done, notes = [], {}, []
     every = max(1, len(todo) // 10)

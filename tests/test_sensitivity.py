@@ -130,6 +130,61 @@ def test_probes_count_what_the_pruned_alone_model_saves_and_match_a_real_prune()
     assert result.model["params"] == spa.metrics.count_params(model)
 
 
+def depthwise() -> onnx.ModelProto:
+    """Conv -> depthwise Conv (its ``group`` shrinks with the channels) -> Conv."""
+    from helpers import build
+
+    return build("""<ir_version: 9, opset_import: ["" : 18]>
+    g (float[N,3,8,8] x, float[8,3,3,3] w1, float[8,1,3,3] w2, float[8] b2, float[4,8,1,1] w3) => (float[N,4,8,8] y)
+    { a = Conv<pads=[1,1,1,1]>(x, w1)  r = Relu(a)  c = Conv<pads=[1,1,1,1], group=8>(r, w2, b2)  d = Relu(c)
+      y = Conv(d, w3) }""")
+
+
+def _counts_agree(proto, input_shapes=None):
+    """Every unit's parameters and MACs saved, counted from shapes and on its pruned copy."""
+    from spa import calibration as cal
+    from spa.runtime import ModelInputs
+    from spa.sensitivity_report import _Probes, _removed, layer_groups
+
+    model = spa.load(proto)
+    dg = spa.dependency_graph(model)
+    scores = spa.score(dg, "l1")
+    groups = [g for g in dg.groups if g.size > 1]
+    probes = _Probes(dg, groups, cal.batches(None, model, ModelInputs(model), 1, input_shapes, 0), input_shapes,
+                     False, 0, None)
+    from_shapes = 0
+    for gs in [[g] for g in groups] + list(layer_groups(model, groups).values()):
+        for r in (0.25, 0.5):
+            chosen = [(g, _removed(g, scores[g.key], r)) for g in gs]
+            probes.count_from_shapes = True
+            a = probes.probe(chosen, r)
+            from_shapes += probes._shrunk(chosen) is not None
+            probes.count_from_shapes = False
+            b = probes.probe(chosen, r)
+            assert (a.params_saved, a.macs_saved) == (b.params_saved, b.macs_saved), ([g.key for g in gs], r)
+            assert a.params_saved > 0 or not a.removed
+    return from_shapes
+
+
+@pytest.mark.parametrize("name", ["resnet", "residual", "normed", "depthwise", "mlp"])
+def test_savings_counted_from_shapes_equal_the_pruned_copys(name):
+    from spa import zoo
+
+    proto = {"resnet": zoo.small_resnet, "residual": residual_mlp, "normed": normed, "depthwise": depthwise,
+             "mlp": zoo.mlp}[name]()
+    assert _counts_agree(proto, {"N": 2} if name in ("residual", "depthwise") else None) > 0
+
+
+@pytest.mark.skipif(not SLOW, reason="SPA_SLOW=1: exports LLaMA and BERT (5-20 s each)")
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_savings_counted_from_shapes_equal_the_pruned_copys_on_transformers(name):
+    pytest.importorskip("transformers")
+    import transformer_models as tm
+
+    model, x = tm.llama("sdpa", layers=2) if name == "llama" else tm.bert("sdpa")
+    assert _counts_agree(tm.export(model, x)) > 0
+
+
 def test_an_inexact_group_is_measured_on_the_pruned_model():
     result = spa.sensitivity(normed(), ratios=[0.5], cache=False)
     unit = result.unit("w1:1")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import onnx
@@ -167,7 +168,11 @@ class Counter:
         if missing:  # still unknown: one onnxruntime run
             shapes.update(_run_shapes(model, missing, input_shapes))
         self.shapes = shapes
-        self.elements = param_elements(model)
+        self.model = model
+
+    @functools.cached_property
+    def elements(self) -> dict[str, int]:
+        return param_elements(self.model)
 
     def _shape(self, name: str, shrunk: dict | None):
         shape = self.shapes.get(name)

@@ -1,8 +1,9 @@
 """What the sensitivity report costs, and what its two shortcuts buy:
 
   * masking: exact groups are measured by zeroing their weights in one onnxruntime session
-    (weights as graph inputs) instead of building and running each pruned-alone copy; the
-    figures of both ways are compared (they must agree: masked equivalence);
+    (weights as graph inputs), with the parameters and MACs saved counted from shapes
+    (``spa.metrics.Counter``), instead of building, running and counting each pruned-alone
+    copy; the figures of both ways are compared (they must agree: masked equivalence);
   * the cache: a second ``spa.sensitivity`` call with the same model and settings reads the
     JSON back instead of measuring.
 
@@ -64,7 +65,7 @@ def main() -> None:
         probes = sr._Probes(dg, groups, feeds, None, False, 0, None)
         masked = min(_probe_all(probes, units, scores, ratios)[0] for _ in range(args.repeat))
         _, got_masked = _probe_all(probes, units, scores, ratios)
-        probes.mask = False
+        probes.mask = probes.count_from_shapes = False
         pruned = min(_probe_all(probes, units, scores, ratios)[0] for _ in range(args.repeat))
         _, got_pruned = _probe_all(probes, units, scores, ratios)
         exact = [(a, b) for a, b in zip(got_masked, got_pruned) if a.measured == "masked"]
@@ -83,8 +84,9 @@ def main() -> None:
 
     print(table(["model", "groups", "layers", "probes", "masked s", "pruned s", "speed-up", "max |err diff|",
                  "report s", "cached s", "speed-up"], rows, "l" + "r" * 10))
-    print(f"(best of {args.repeat}; probes: units x ratios {ratios}; params/MACs counted on the pruned copy in "
-          "both ways; 'max |err diff|': masked vs pruned relative error over the exact units)")
+    print(f"(best of {args.repeat}; probes: units x ratios {ratios}; masked: one session, savings counted from "
+          "shapes; pruned: a pruned copy built, run and counted per probe; 'max |err diff|': masked vs pruned "
+          "relative error over the exact units; report: the whole spa.sensitivity call, then again from the cache)")
 
 
 if __name__ == "__main__":

@@ -9,8 +9,10 @@ cosine of the graph outputs against the dense model on the calibration inputs
 onnxruntime session whose group weights are graph inputs (``spa.allocation.sensitivity``): by the
 masked-equivalence invariant that is the pruned model's output. Inexact groups (a norm over the
 pruned axis) and layers holding one are run *pruned* (a pruned copy in its own session).
-Parameters and MACs saved come from the pruned-alone model (``spa.metrics``; MACs of one
-forward pass at ``input_shapes``, default batch 1); with ``latency=True`` so does the time
+Parameters and MACs saved are those of the pruned-alone model (MACs of one forward pass at
+``input_shapes``, default batch 1), counted from the dense model's shapes with the groups' axes
+shrunk (``spa.metrics.Counter``) where the rewrite only slices those axes (default-domain ops,
+no constant shared with a node outside the group), else on a pruned copy; with ``latency=True`` so does the time
 saved: median onnxruntime latency of the dense model minus that of the pruned-alone model, on
 random inputs of ``input_shapes`` as ``spa bench`` times them (*measured*, timing-dependent). No compensation (OBSPA's
 reconstruction, FLAP's bias) is applied: the criterion only chooses the channels.

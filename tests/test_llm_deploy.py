@@ -259,11 +259,66 @@ def test_kv_heads_halve_in_genai_config(genai_fp32, tmp_path):
     assert tokens == generate(masked_folder(result, genai_fp32 / "model.onnx", tmp_path / "masked"))
 
 
-def test_depth_one_layer_gives_three_layers(genai_fp32, tmp_path):
+def gated_folder(source: Path, blocks, folder: Path) -> Path:
+    """The dense model with the branches of ``blocks`` multiplied by 0, in a copy of the input folder."""
+    from spa import depth
+
+    folder.mkdir()
+    for p in source.parent.iterdir():
+        if p.is_file() and p.suffix != ".data" and p.name != source.name:
+            shutil.copyfile(p, folder / p.name)
+    spa.save(depth.gated(spa.load(source), blocks), folder / source.name)
+    return folder
+
+
+def test_genai_layers_are_removable_blocks_with_their_caches(genai_fp32):
+    from spa import depth
+
+    model = spa.load(genai_fp32 / "model.onnx")
+    layers = {b.key: b for b in depth.find_blocks(model) if b.kind == "layer"}
+    assert sorted(layers) == ["layer0", "layer1", "layer2", "layer3"] and all(b.removable for b in layers.values())
+    gone, renames = depth.cache_changes(model, [layers["layer1"]])
+    assert gone == {"past_key_values.1.key", "past_key_values.1.value", "present.1.key", "present.1.value"}
+    assert renames == {f"{p}.{i}.{kv}": f"{p}.{i - 1}.{kv}" for p in ("past_key_values", "present")
+                       for i in (2, 3) for kv in ("key", "value")}
+
+
+def test_depth_one_layer_gives_three_layers_generating_like_gated_dense(genai_fp32, tmp_path):
     out = tmp_path / "depth" / "model.onnx"
-    _heads_or_skip(genai_fp32 / "model.onnx", out, ratio=0.0, depth=1)
+    result = spa.prune(genai_fp32 / "model.onnx", 0.0, depth=1, output=out, input_shapes=SHAPES)
+    assert [b.kind for b in result.plan.blocks] == ["layer"]
+    assert any("equals the dense model with the removed branches zeroed" in n for n in result.notes)
+    d = decoder(out.parent)
+    assert d["num_hidden_layers"] == 3 and d["num_key_value_heads"] == 4 and d["head_size"] == 32
+    pasts = [v.name for v in result.model.graph.inputs if v.name.startswith("past_key_values.")]
+    assert pasts == [f"past_key_values.{i}.{kv}" for kv in ("key", "value") for i in range(3)]
+    tokens = generate(out.parent)
+    assert tokens[:4] == PROMPT and len(tokens) == 24
+    assert tokens == generate(gated_folder(genai_fp32 / "model.onnx", result.plan.blocks, tmp_path / "gated"))
+
+
+def test_a_middle_layer_goes_with_its_cache_and_the_rest_is_renumbered(genai_fp32, hf_dir, tmp_path):
+    from spa.plan import BlockPlan, Plan
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for p in genai_fp32.iterdir():
+        shutil.copyfile(p, src / p.name)
+    shutil.copyfile(hf_dir / "config.json", src / "config.json")
+    blocks = (BlockPlan("layer1", "layer"),)
+    shallow = spa.apply_plan(src / "model.onnx", Plan((), blocks=blocks), input_shapes=SHAPES)
+    names = [v.name for v in (*shallow.graph.inputs, *shallow.graph.outputs)]
+    assert [n for n in names if n.startswith(("past_key_values.", "present."))] == [
+        f"{p}.{i}.{kv}" for p, kvs in (("past_key_values", ("key", "value")), ("present", ("key", "value")))
+        for kv in kvs for i in range(3)]
+    out = tmp_path / "shallow" / "model.onnx"
+    files = deploy.plan_folder(src / "model.onnx", out, shallow)
+    spa.save(shallow, out)
+    deploy.write_folder(files, out.parent)
     assert decoder(out.parent)["num_hidden_layers"] == 3
-    assert len(generate(out.parent)) == 24
+    assert json.loads((out.parent / "config.json").read_text())["num_hidden_layers"] == 3
+    tokens = generate(out.parent)
+    assert tokens == generate(gated_folder(src / "model.onnx", blocks, tmp_path / "gated"))
 
 
 def test_optimum_export_prunes_and_generates(hf_dir, tmp_path):

@@ -119,6 +119,14 @@ def test_cli_prune_lists_signature(llama, tmp_path, capsys):
     assert "changed graph inputs/outputs: 16" in out
     assert "past_key_values.0.key: [batch_size, 4, past_sequence_length, kv_cache_dim] -> " \
            "[batch_size, 2, past_sequence_length, kv_cache_dim]" in out
+    # the API's report holds the same lines
+    report = spa.prune(llama, ratio=0.5, kinds=["heads"], check_equivalence=False).report()
+    printed = out[out.index("changed graph inputs/outputs: 16"):].splitlines()[1:17]
+    assert report["signature_lines"] == [line.strip() for line in printed]
+    assert len(report["signature"]) == 16
+    assert {"name": "present.3.value", "kind": "output", "before": "[batch_size, 4, total_sequence_length, kv_cache_dim]",
+            "after": "[batch_size, 2, total_sequence_length, kv_cache_dim]", "was": "present.3.value"} \
+        in report["signature"]
 
 
 @pytest.mark.skipif(not SLOW, reason="SPA_SLOW=1: more builder shapes")

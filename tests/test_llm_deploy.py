@@ -292,13 +292,19 @@ def test_depth_one_layer_gives_three_layers_generating_like_gated_dense(genai_fp
     assert d["num_hidden_layers"] == 3 and d["num_key_value_heads"] == 4 and d["head_size"] == 32
     pasts = [v.name for v in result.model.graph.inputs if v.name.startswith("past_key_values.")]
     assert pasts == [f"past_key_values.{i}.{kv}" for kv in ("key", "value") for i in range(3)]
+    removed = result.plan.blocks[0].layer
+    assert f"past_key_values.{removed}.key: [batch_size, 4, past_sequence_length, kv_cache_dim] removed" \
+        in result.report()["signature_lines"]
+    assert any(n.startswith("depth: 2 K/V cache pairs went with their layers") for n in result.notes)
     tokens = generate(out.parent)
     assert tokens[:4] == PROMPT and len(tokens) == 24
     assert tokens == generate(gated_folder(genai_fp32 / "model.onnx", result.plan.blocks, tmp_path / "gated"))
 
 
 def test_a_middle_layer_goes_with_its_cache_and_the_rest_is_renumbered(genai_fp32, hf_dir, tmp_path):
+    from spa import depth
     from spa.plan import BlockPlan, Plan
+    from spa.report import signature_changes, signature_lines
 
     src = tmp_path / "src"
     src.mkdir()
@@ -307,6 +313,12 @@ def test_a_middle_layer_goes_with_its_cache_and_the_rest_is_renumbered(genai_fp3
     shutil.copyfile(hf_dir / "config.json", src / "config.json")
     blocks = (BlockPlan("layer1", "layer"),)
     shallow = spa.apply_plan(src / "model.onnx", Plan((), blocks=blocks), input_shapes=SHAPES)
+    gone, renames = depth.cache_changes(spa.load(src / "model.onnx"), blocks)
+    lines = signature_lines(signature_changes(spa.load(src / "model.onnx"), shallow, renames))
+    assert "  past_key_values.2.key -> past_key_values.1.key: [batch_size, 4, past_sequence_length, kv_cache_dim] " \
+           "-> [batch_size, 4, past_sequence_length, kv_cache_dim]" in lines
+    assert "  present.1.value: [batch_size, 4, total_sequence_length, kv_cache_dim] removed" in lines
+    assert len(lines) == 12  # 4 caches removed, 8 renumbered
     names = [v.name for v in (*shallow.graph.inputs, *shallow.graph.outputs)]
     assert [n for n in names if n.startswith(("past_key_values.", "present."))] == [
         f"{p}.{i}.{kv}" for p, kvs in (("past_key_values", ("key", "value")), ("present", ("key", "value")))

@@ -453,7 +453,7 @@ def check_stage(job: Job) -> None:
         return
     verify, equivalence = check_output(job.model, job.reference, job.deep or job.dense, job.dg, job.plan,
                                        job.input_shapes,
-                                       job.run, job.check_equivalence, job.progress)
+                                       job.run, job.check_equivalence, job.progress, renamed=job.renamed)
     job.result.verify_report, job.result.equivalence = verify, equivalence
     job.result.notes.extend(verify.notes)
     if equivalence is not None and equivalence.skipped:
@@ -514,11 +514,13 @@ STAGES: tuple[tuple[str, Callable[[Job], None]], ...] = (
 
 # ---- the check, shared with spa.apply_plan ------------------------------------------------
 def check_output(pruned: ir.Model, reference: ir.Model, dense: ir.Model, dg: DependencyGraph, plan: Plan,
-                 input_shapes, run: bool, check_equivalence: bool | None, progress: Progress = SILENT):
+                 input_shapes, run: bool, check_equivalence: bool | None, progress: Progress = SILENT,
+                 renamed: dict | None = None):
     """Validity (checker, strict shape inference; blames a group when invalid), then, when
     ``run``: the equivalence check against the masked reference (``spa.equivalence``), or, when
     that is off or the model too large, one onnxruntime run that must keep the output shapes.
-    Returns (VerifyReport, EquivalenceReport or None)."""
+    ``renamed``: inputs/outputs of ``dense`` that ``reference`` holds under new names (depth's
+    renumbered caches), for the fidelity run. Returns (VerifyReport, EquivalenceReport or None)."""
     from spa import equivalence as eq
     from spa.api import blame_invalid, pruned_copy
     from spa.io import model_nbytes
@@ -560,7 +562,7 @@ def check_output(pruned: ir.Model, reference: ir.Model, dense: ir.Model, dg: Dep
     with progress.step("checking equivalence with the masked dense model"):
         feeds = _check_feeds(reference, input_shapes)
         try:
-            result = eq.check(reference, pruned, dg, plan, feeds, dense=dense, apply=pruned_copy)
+            result = eq.check(reference, pruned, dg, plan, feeds, dense=dense, apply=pruned_copy, renamed=renamed)
         except EquivalenceError:
             raise
         except ValidationError as exc:

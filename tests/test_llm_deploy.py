@@ -333,6 +333,28 @@ def test_a_middle_layer_goes_with_its_cache_and_the_rest_is_renumbered(genai_fp3
     assert tokens == generate(gated_folder(src / "model.onnx", blocks, tmp_path / "gated"))
 
 
+def test_cli_inspect_and_prune_depth_and_width_from_another_folder(genai_fp32, tmp_path, monkeypatch, capsys):
+    """The dense model fails plain onnx.checker (SimplifiedLayerNormalization is onnxruntime's):
+    inspect, prune and its verify step still accept it, and the output checks and generates."""
+    from spa.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["inspect", str(genai_fp32 / "model.onnx")]) == 0
+    text = capsys.readouterr().out
+    assert "layer 1: attention sublayer, FFN sublayer: removable" in text and "State (KV cache): 8" in text
+    assert main(["prune", str(genai_fp32 / "model.onnx"), "-o", "out/model.onnx", "--ratio", "0.25", "--kinds",
+                 "channels", "--depth", "0.25", "--input-shape", "kv_cache_dim=32"]) == 0
+    printed = capsys.readouterr().out
+    assert "check: 3 exact groups equal the masked dense model" in printed
+    assert "note: depth: the shallower model equals the dense model with the removed branches zeroed" in printed
+    assert "num_hidden_layers 4 -> 3" in printed
+    removed = [line for line in printed.splitlines() if line.endswith(" removed")]
+    assert len(removed) == 4 and all(line.strip().startswith(("past_key_values.", "present.")) for line in removed)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing else in the working directory
+    assert decoder(tmp_path / "out")["num_hidden_layers"] == 3
+    assert generate(tmp_path / "out")[:4] == PROMPT
+
+
 def test_optimum_export_prunes_and_generates(hf_dir, tmp_path):
     try:
         from optimum.exporters.onnx import main_export

@@ -333,6 +333,28 @@ def test_a_middle_layer_goes_with_its_cache_and_the_rest_is_renumbered(genai_fp3
     assert tokens == generate(gated_folder(src / "model.onnx", blocks, tmp_path / "gated"))
 
 
+def test_an_attention_sublayer_goes_with_its_cache_config_json_refuses(genai_fp32, hf_dir, tmp_path):
+    from spa.plan import BlockPlan, Plan
+
+    blocks = (BlockPlan("layer2.attention", "attention"),)
+    shallow = spa.apply_plan(genai_fp32 / "model.onnx", Plan((), blocks=blocks), input_shapes=SHAPES)
+    assert sum(n.op_type == "GroupQueryAttention" for n in shallow.graph) == 3
+    assert sum(n.name.endswith("mlp/down_proj/MatMul") for n in shallow.graph) == 4
+    out = tmp_path / "sub" / "model.onnx"
+    files = deploy.plan_folder(genai_fp32 / "model.onnx", out, shallow)
+    spa.save(shallow, out)
+    deploy.write_folder(files, out.parent)
+    assert decoder(out.parent)["num_hidden_layers"] == 3  # the layers that keep a cache
+    assert generate(out.parent) == generate(gated_folder(genai_fp32 / "model.onnx", blocks, tmp_path / "gated"))
+    src = tmp_path / "hf_src"
+    src.mkdir()
+    for name in ("model.onnx", "model.onnx.data"):
+        shutil.copyfile(genai_fp32 / name, src / name)
+    shutil.copyfile(hf_dir / "config.json", src / "config.json")
+    with pytest.raises(deploy.FolderError, match="3 attention layers but 4 FFNs"):
+        deploy.plan_folder(src / "model.onnx", tmp_path / "o" / "model.onnx", shallow, spa.load(src / "model.onnx"))
+
+
 def test_cli_inspect_and_prune_depth_and_width_from_another_folder(genai_fp32, tmp_path, monkeypatch, capsys):
     """The dense model fails plain onnx.checker (SimplifiedLayerNormalization is onnxruntime's):
     inspect, prune and its verify step still accept it, and the output checks and generates."""

@@ -38,7 +38,7 @@ KINDS = ("attention", "ffn", "block", "layer")
 UNITS = ("layer", "sublayer")
 SCORES = ("bi", "angular", "greedy")
 _MATMULS = {"MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum", "MatMulInteger", "QLinearMatMul", "QLinearConv",
-            "FusedMatMul", "ConvInteger"}
+            "FusedMatMul", "ConvInteger", "MatMulNBits"}
 _ATTENTION = {"Softmax", "LogSoftmax"}
 MS = "com.microsoft"
 #: fused residual norms: op type -> (the plain norm it leaves when its branch goes, inputs kept after x)

@@ -444,3 +444,16 @@ def test_int4_depth_generates_like_gated_dense(genai_int4, tmp_path):
     assert decoder(out.parent)["num_hidden_layers"] == 3 and [b.kind for b in result.plan.blocks] == ["layer"]
     assert generate(out.parent) == generate(gated_folder(genai_int4 / "model.onnx", result.plan.blocks,
                                                          tmp_path / "gated"))
+
+
+@pytest.mark.skipif(not SLOW, reason="SPA_SLOW=1: more builder shapes")
+@pytest.mark.parametrize("build", ["genai_qwen2", "genai_qwen3", "genai_phi3"])
+def test_other_builder_outputs_prune_depth_and_width(build, tmp_path_factory, tmp_path):
+    from tests import llm_models
+
+    src = getattr(llm_models, build)(tmp_path_factory.mktemp("genai")) / "model.onnx"
+    out = tmp_path / "out" / "model.onnx"
+    result = spa.prune(src, 0.25, kinds=["channels"], depth=1, output=out, input_shapes=SHAPES)
+    assert result.equivalence.exact and len(result.equivalence.checked_groups) == 3
+    assert decoder(out.parent)["num_hidden_layers"] == 3
+    assert generate(out.parent)[:4] == PROMPT

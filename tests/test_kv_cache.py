@@ -138,3 +138,20 @@ def test_other_builder_outputs_prune_kv_heads(build, precision, tmp_path_factory
     assert res.equivalence.checked_groups
     ins = {v.name: v for v in res.model.graph.inputs}
     assert ins["past_key_values.0.key"].shape[1] == 2
+
+
+def test_renumber_closes_the_gaps_of_removed_layers():
+    from spa.state import StatePair, renumber
+
+    pairs = [StatePair(f"past_key_values.{i}.{kv}", f"present.{i}.{kv}", f"attn{i}", "GroupQueryAttention")
+             for kv in ("key", "value") for i in range(4)]
+    gone = {f"{p}.{i}.{kv}" for p in ("past_key_values", "present") for i in (0, 2) for kv in ("key", "value")}
+    assert renumber(pairs, gone) == {"past_key_values.1.key": "past_key_values.0.key",
+                                     "past_key_values.3.key": "past_key_values.1.key",
+                                     "past_key_values.1.value": "past_key_values.0.value",
+                                     "past_key_values.3.value": "past_key_values.1.value",
+                                     "present.1.key": "present.0.key", "present.3.key": "present.1.key",
+                                     "present.1.value": "present.0.value", "present.3.value": "present.1.value"}
+    assert renumber(pairs, {"past_key_values.3.key", "present.3.key"}) == {}  # the last layer: nothing moves
+    odd = [StatePair("cache_k", "cache_k_out", "a", "GroupQueryAttention")]
+    assert renumber(odd, {"cache_k"}) == {}  # no layer number in the names: nothing to renumber

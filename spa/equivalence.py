@@ -249,9 +249,13 @@ def check(source: ir.Model, pruned: ir.Model, dg, plan, feeds: dict, dense: ir.M
                 f"--protect '{guilty.rsplit(':', 1)[0]}' (protect=[...]) and report the model"
                 if guilty else "no single group causes it. Nothing was written; report the model"))
     if dense is not None and (inexact or dense is not source):
-        dense_names, base = _Runner(_interface_feeds(dense, feeds, renamed or {})).run(dense)
-        by_name = {(renamed or {}).get(n, n): a for n, a in zip(dense_names, base)}
-        base = [by_name[n] for n in names]
+        inputs = [v.name for v in dense.graph.inputs if v.name not in dense.graph.initializers]
+        if renamed or not set(inputs) <= set(feeds):  # depth removed or renumbered caches
+            dense_names, base = _Runner(_interface_feeds(dense, feeds, renamed or {})).run(dense)
+            by_name = {(renamed or {}).get(n, n): a for n, a in zip(dense_names, base)}
+            base = [by_name[n] for n in names]
+        else:
+            _, base = runner.run(dense)
         report.fidelity = fidelity(got, _cut_outputs(names, base, dg, cuts))
     return report
 

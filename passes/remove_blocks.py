@@ -63,20 +63,25 @@ def _sum_only(graph: ir.Graph) -> None:
         graph.remove(node, safe=True)
 
 
-def _drop_caches(graph: ir.Graph, gone: set[str]) -> None:
+def _drop_outputs(graph: ir.Graph, gone: set[str]) -> None:
+    """The removed layers' present outputs leave the graph (their writers are then dead)."""
     for i in reversed(range(len(graph.outputs))):
         if graph.outputs[i].name in gone:
             graph.outputs.pop(i)
 
 
-def _rename(graph: ir.Graph, gone: set[str], renames: dict[str, str]) -> None:
+def _drop_inputs_and_renumber(graph: ir.Graph, gone: set[str], renames: dict[str, str]) -> None:
+    """The removed layers' past inputs leave the graph; the caches left take their new names
+    (through temporary ones, so that no two values ever share a name)."""
     for i in reversed(range(len(graph.inputs))):
         v = graph.inputs[i]
         if v.name in gone and not v.uses():
             graph.inputs.pop(i)
     values = {v.name: v for v in (*graph.inputs, *graph.outputs)}
-    for old in sorted(renames, key=lambda n: (len(n), n)):  # ascending layers: a new name is free
-        values[old].name = renames[old]
+    for old in renames:
+        values[old].name = f"{old}_spa_renumbering"
+    for old, new in renames.items():
+        values[old].name = new
 
 
 class RemoveBlocksPass(ir.passes.InPlacePass):
@@ -106,9 +111,9 @@ class RemoveBlocksPass(ir.passes.InPlacePass):
             else:
                 _take_over(outs[0], x, graph, add)
             graph.remove(add, safe=True)
-        _drop_caches(graph, gone)
+        _drop_outputs(graph, gone)
         CleanupPass()(model)
         _sum_only(graph)
-        _rename(graph, gone, renames)
+        _drop_inputs_and_renumber(graph, gone, renames)
         CleanupPass()(model)
         return ir.passes.PassResult(model, True)

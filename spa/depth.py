@@ -33,6 +33,7 @@ import numpy as np
 import onnx_ir as ir
 
 from spa.errors import ArgumentError, PlanError
+from spa.state import find_state_pairs
 
 KINDS = ("attention", "ffn", "block", "layer")
 UNITS = ("layer", "sublayer")
@@ -114,8 +115,6 @@ class _Graph:
         self.nodes = list(model.graph)
         self.pos = {id(n): i for i, n in enumerate(self.nodes)}
         self.outputs = {id(v) for v in model.graph.outputs}
-        from spa.state import find_state_pairs
-
         self.states = {s.present: s for s in find_state_pairs(model.graph)}
 
     def caches(self, nodes) -> list:
@@ -366,7 +365,7 @@ def branches_of(model: ir.Model, blocks, found=None) -> list[tuple[ir.Node, ir.V
 def cache_changes(model: ir.Model, blocks, found=None) -> tuple[set[str], dict[str, str]]:
     """What removing ``blocks`` does to the K/V cache interface: the past and present names that
     go with their layers, and old -> new names of the caches left (numbered 0..n-1)."""
-    from spa.state import find_state_pairs, renumber
+    from spa.state import renumber
 
     found = _discover(model) if found is None else found
     g = _Graph(model)

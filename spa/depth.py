@@ -85,6 +85,7 @@ class Block:
     params: tuple[str, ...]
     removable: bool
     reason: str | None
+    caches: tuple[str, ...] = ()  # K/V cache inputs (past) that go with the block
 
     def describe(self) -> str:
         what = {"attention": "attention sublayer", "ffn": "FFN sublayer", "block": "residual block",
@@ -332,13 +333,13 @@ def _discover(model: ir.Model) -> tuple[list[Block], dict[str, tuple[_Branch, ..
         key = (f"layer{layer_of[i]}" + ("" if kind == "layer" else f".{kind}")) if layer_of[i] is not None \
             else f"block{i}"
         blocks.append(Block(key, kind, layer_of[i], i, br.add.name, tuple(m.name for m in nodes), tuple(params),
-                            why is None, why))
+                            why is None, why, tuple(pair.past for pair in g.caches(br.core))))
         of[key] = (br,)
     for layer, i, j in pairs:
         a, f = blocks[i], blocks[j]
         why = a.reason or f.reason
         blocks.append(Block(f"layer{layer}", "layer", layer, i, f.add, a.nodes + f.nodes, a.params + f.params,
-                            why is None, why))
+                            why is None, why, a.caches + f.caches))
         of[f"layer{layer}"] = (branches[i], branches[j])
     return blocks, of
 

@@ -137,8 +137,10 @@ def block_lines(blocks) -> list[str]:
             seen.add(b.layer)
             subs = [x for x in blocks if x.layer == b.layer and x.kind != "layer"]
             state = next((f"not removable: {x.reason}" for x in subs if not x.removable), "removable")
+            caches = [c for x in subs for c in x.caches]
             lines.append(f"  layer {b.layer}: {', '.join(names[x.kind] for x in subs)}: {state}  "
-                         f"[{', '.join(x.key for x in subs)}; {sum(len(x.params) for x in subs)} weights]")
+                         f"[{', '.join(x.key for x in subs)}; {sum(len(x.params) for x in subs)} weights"
+                         + (f"; with its K/V cache {', '.join(caches)}" if caches else "") + "]")
         else:
             state = "removable" if b.removable else f"not removable: {b.reason}"
             lines.append(f"  block {b.index} ({_block_shape(b)}): {state}  [{b.key}; {len(b.params)} weights]")

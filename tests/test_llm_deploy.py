@@ -363,7 +363,8 @@ def test_cli_inspect_and_prune_depth_and_width_from_another_folder(genai_fp32, t
     monkeypatch.chdir(tmp_path)
     assert main(["inspect", str(genai_fp32 / "model.onnx")]) == 0
     text = capsys.readouterr().out
-    assert "layer 1: attention sublayer, FFN sublayer: removable" in text and "State (KV cache): 8" in text
+    assert "layer 1: attention sublayer, FFN sublayer: removable  [layer1.attention, layer1.ffn; 5 weights; with its " \
+           "K/V cache past_key_values.1.key, past_key_values.1.value]" in text and "State (KV cache): 8" in text
     assert main(["prune", str(genai_fp32 / "model.onnx"), "-o", "out/model.onnx", "--ratio", "0.25", "--kinds",
                  "channels", "--depth", "0.25", "--input-shape", "kv_cache_dim=32"]) == 0
     printed = capsys.readouterr().out

@@ -228,9 +228,9 @@ def _cmd_prune(args) -> int:
     print(f"ran on: {result.device}")
     for f in result.folder:
         print(f.line(Path(args.output).parent))
-    from spa.report import signature_changes, signature_lines
+    from spa.report import signature_lines
 
-    changes = signature_changes(result.dense, result.model) if result.dense is not None else []
+    changes = result.signature_changes()
     if changes:
         print(f"changed graph inputs/outputs: {len(changes)}")
         print("\n".join(signature_lines(changes)))

@@ -74,5 +74,6 @@ def init_process(*args) -> None:
     _EVALUATOR = Evaluator(*args)
 
 
-def run_in_process(plan_dict: dict) -> dict:
-    return _EVALUATOR(plan_dict)
+def run_in_process(plan_dict: dict | None) -> dict:
+    """Measure a plan; ``None`` only answers (the pool's start-up check)."""
+    return {"pid": os.getpid()} if plan_dict is None else _EVALUATOR(plan_dict)

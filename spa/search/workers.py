@@ -76,6 +76,23 @@ class LocalPool:
         self.size, self.args = n, args
         self._ctx = mp.get_context("spawn")  # no fork of a process holding onnxruntime threads
         self._slots = [self._start() for _ in range(n)]
+        self._check()
+
+    def _check(self) -> None:
+        """Every process starts and loads its model, or the pool refuses (nothing is lost)."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        from spa.search.evaluate import run_in_process
+
+        try:
+            for fut in [ex.submit(run_in_process, None) for ex in self._slots]:
+                fut.result()
+        except BrokenProcessPool as exc:
+            self.close()
+            raise ArgumentError(
+                "the local worker processes died while starting. Python starts them with 'spawn', which imports "
+                "the main script again: a script calling spa.search(..., workers='local:N') must run it under "
+                "`if __name__ == \"__main__\":` (and a metric function must be importable, not a lambda)") from exc
 
     def _start(self):
         from concurrent.futures import ProcessPoolExecutor

@@ -49,8 +49,8 @@ def test_heuristics_enqueued_first_and_target_met(model_path, tmp_path):
     assert len(trials) == 7
     assert r.best["values"][0] <= min(_by_heuristic(r.study).values())  # never worse than a heuristic
     for t in trials:  # the plan meets the target within 1% of the dense count, checked on the pruned model
-        assert abs(t.user_attrs["params_ratio"] - 0.5) <= 0.01
-        assert t.user_attrs["params_ratio"] == pytest.approx(t.user_attrs["plan_params_ratio"], abs=1e-9)
+        assert abs(t.user_attrs["result"]["params_ratio"] - 0.5) <= 0.01
+        assert t.user_attrs["result"]["params_ratio"] == pytest.approx(t.user_attrs["plan"]["params_ratio"], abs=1e-9)
     for name in ("best_plan.json", "pareto.json", "study.log", "scores.npz", "calibration.npz"):
         assert (tmp_path / name).is_file(), name
     doc = json.loads((tmp_path / "pareto.json").read_text())
@@ -88,7 +88,7 @@ def test_two_local_workers_equal_one(model_path, tmp_path):
     assert set(h1) == set(HEUR) and set(h2) == set(HEUR)
     for name in HEUR:
         assert h2[name] == pytest.approx(h1[name], rel=1e-6, abs=1e-9)
-    pids = {t.user_attrs["pid"] for t in _complete(two.study)}
+    pids = {t.user_attrs["result"]["pid"] for t in _complete(two.study)}
     assert os.getpid() not in pids and len(pids) == 2  # ran in the two worker processes
 
 
@@ -159,7 +159,7 @@ def test_metric_replaces_fidelity_and_ctrl_c_leaves_a_resumable_study(model_path
     m = spa.search(str(model_path), "params=0.5", trials=4, out=tmp_path / "m", metric=_output_norm)
     assert m.study.direction == optuna.study.StudyDirection.MAXIMIZE
     for t in _complete(m.study):
-        assert t.values[0] == t.user_attrs["metric"] and t.user_attrs["metric"] > 0
+        assert t.values[0] == t.user_attrs["result"]["metric"] and t.values[0] > 0
 
 
 def _crash_first(sess) -> float:

@@ -113,7 +113,7 @@ def search(model, target="params=0.5", trials: int = 50, *, out, objective: str 
 def _reporter(progress: Progress):
     def report(trial) -> None:
         a = trial.user_attrs
-        progress.note(f"trial {trial.number} ({a.get('heuristic') or a.get('family')}): "
+        progress.note(f"trial {trial.number} ({a.get('heuristic') or a.get('plan', {}).get('family')}): "
                       f"{', '.join(f'{v:.5g}' for v in trial.values)}")
 
     return report if progress is not SILENT else None

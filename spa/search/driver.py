@@ -190,9 +190,9 @@ def run_trials(study, prepared: Prepared, pool, total: int, progress, on_trial=N
                     study.tell(asked, state=TrialState.FAIL)
                     asked = None
                     continue
-                asked.set_user_attr("family", params["family"])
-                asked.set_user_attr("plan_seconds", time.perf_counter() - t0)
-                asked.set_user_attr("plan_params_ratio", plan.meta["params_ratio"])
+                # one storage write per attribute (a journal append): the plan's figures go as one
+                asked.set_user_attr("plan", {"family": params["family"], "seconds": time.perf_counter() - t0,
+                                             "params_ratio": plan.meta["params_ratio"]})
                 slot = free.pop(0)
                 flight[pool.submit(slot, plan.to_dict())] = (asked, slot, t0)
                 asked = None
@@ -215,9 +215,7 @@ def run_trials(study, prepared: Prepared, pool, total: int, progress, on_trial=N
                     study.tell(trial, state=TrialState.FAIL)
                     log.warning("trial %d failed: %s", trial.number, exc)
                     continue
-                for k, v in res.items():
-                    trial.set_user_attr(k, v)
-                trial.set_user_attr("trial_seconds", time.perf_counter() - t0)
+                trial.set_user_attr("result", {**res, "trial_seconds": time.perf_counter() - t0})
                 values = _values(settings, res)
                 if not all(math.isfinite(v) for v in values):
                     study.tell(trial, state=TrialState.FAIL)
@@ -248,6 +246,14 @@ class SearchResult:
     folder: Path
     study: object = None
     notes: list = field(default_factory=list)
+    space: object = None  # the spa.search.space.Space the plans came from
+
+    def plan_of(self, number: int) -> Plan:
+        """The plan of trial ``number`` (rebuilt from its parameters)."""
+        row = next((r for r in self.trials if r["number"] == number), None)
+        if row is None:
+            raise ArgumentError(f"trial {number} is not a complete trial of the study")
+        return self.space.plan(row["params"])
 
     def summary(self) -> list[str]:
         lines = []
@@ -270,7 +276,8 @@ def _figures(row: dict) -> str:
 
 
 def _row(t) -> dict:
-    a = t.user_attrs
+    a = {**t.user_attrs.get("result", {}), "family": t.user_attrs.get("plan", {}).get("family"),
+         "heuristic": t.user_attrs.get("heuristic")}
     return {"number": t.number, "family": a.get("family"), "heuristic": a.get("heuristic"),
             "values": list(t.values), "rel_error": a.get("rel_error"), "cosine": a.get("cosine"),
             "metric": a.get("metric"), "params_ratio": a.get("params_ratio"), "latency_ms": a.get("latency_ms"),
@@ -323,7 +330,7 @@ def write_outputs(study, prepared: Prepared, progress) -> SearchResult:
     note = plot(rows, front, settings, folder / "pareto.png")
     if note:
         notes.append(note)
-    return SearchResult(plan, best, heur, front, rows, folder, study, notes)
+    return SearchResult(plan, best, heur, front, rows, folder, study, notes, prepared.space)
 
 
 def plot(rows, front, settings: Settings, path: Path) -> str | None:

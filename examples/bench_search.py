@@ -60,9 +60,12 @@ def _breakdown(study) -> dict:
     from optuna.trial import TrialState
 
     done = [t for t in study.trials if t.state == TrialState.COMPLETE]
-    parts = {"plan (driver: ratios, target fit, allocate)": [t.user_attrs["plan"]["seconds"] for t in done]}
-    for k in ("prune", "session", "fidelity", "latency_metric"):
-        parts[f"worker: {k}"] = [t.user_attrs["result"]["seconds"][k] for t in done]
+    parts = {"driver: Optuna ask + suggest": [t.user_attrs["plan"]["ask_seconds"] for t in done],
+             "driver: plan (ratios, target fit, allocate)": [t.user_attrs["plan"]["seconds"] for t in done]}
+    names = {"prune": "prune a copy", "session": "onnxruntime session", "fidelity": "run calibration batches, fidelity",
+             "latency_metric": "params count (latency, metric)"}
+    for k, label in names.items():
+        parts[f"worker: {label}"] = [t.user_attrs["result"]["seconds"][k] for t in done]
     parts["trial, submit to result"] = [t.user_attrs["result"]["trial_seconds"] for t in done]
     return {k: 1e3 * float(np.mean(v)) for k, v in parts.items()}
 

@@ -176,10 +176,12 @@ def run_trials(study, prepared: Prepared, pool, total: int, progress, on_trial=N
     flight: dict = {}  # future -> (trial, slot, t0)
     free = list(range(pool.size))
     ran = 0
+    done = counted(study)  # kept here between the storage reads
     asked = None  # a trial asked and not yet submitted
     try:
         while True:
-            while free and counted(study) + len(flight) < total:
+            while free and done + len(flight) < total:
+                t_ask = time.perf_counter()
                 asked = study.ask()
                 try:
                     params = space.suggest(asked)
@@ -189,17 +191,21 @@ def run_trials(study, prepared: Prepared, pool, total: int, progress, on_trial=N
                     asked.set_user_attr("error", str(exc)[:400])
                     study.tell(asked, state=TrialState.FAIL)
                     asked = None
+                    done += 1
                     continue
                 # one storage write per attribute (a journal append): the plan's figures go as one
                 asked.set_user_attr("plan", {"family": params["family"], "seconds": time.perf_counter() - t0,
-                                             "params_ratio": plan.meta["params_ratio"]})
+                                             "ask_seconds": t0 - t_ask, "params_ratio": plan.meta["params_ratio"]})
                 slot = free.pop(0)
                 flight[pool.submit(slot, plan.to_dict())] = (asked, slot, t0)
                 asked = None
             if not flight:
-                return ran
-            done, _ = wait(list(flight), return_when=FIRST_COMPLETED)
-            for fut in done:
+                done = counted(study)  # other workers (spa worker) may have added trials meanwhile
+                if done >= total:
+                    return ran
+                continue
+            finished, _ = wait(list(flight), return_when=FIRST_COMPLETED)
+            for fut in finished:
                 trial, slot, t0 = flight.pop(fut)
                 free.append(slot)
                 ran += 1
@@ -213,10 +219,12 @@ def run_trials(study, prepared: Prepared, pool, total: int, progress, on_trial=N
                         trial.set_user_attr("worker_died", True)
                         pool.restart(slot)
                     study.tell(trial, state=TrialState.FAIL)
+                    done += 1
                     log.warning("trial %d failed: %s", trial.number, exc)
                     continue
                 trial.set_user_attr("result", {**res, "trial_seconds": time.perf_counter() - t0})
                 values = _values(settings, res)
+                done += 1
                 if not all(math.isfinite(v) for v in values):
                     study.tell(trial, state=TrialState.FAIL)
                     continue

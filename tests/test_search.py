@@ -71,9 +71,10 @@ def test_best_plan_applies_and_meets_target(model_path, tmp_path):
     assert out.is_file()
 
 
-def test_deterministic_for_a_seed(model_path, tmp_path):
-    a = spa.search(str(model_path), "params=0.5", trials=8, out=tmp_path / "a", seed=3)
-    b = spa.search(str(model_path), "params=0.5", trials=8, out=tmp_path / "b", seed=3)
+@pytest.mark.parametrize("sampler", ["tpe", "cmaes"])
+def test_deterministic_for_a_seed(model_path, tmp_path, sampler):
+    a = spa.search(str(model_path), "params=0.5", trials=8, out=tmp_path / "a", seed=3, sampler=sampler)
+    b = spa.search(str(model_path), "params=0.5", trials=8, out=tmp_path / "b", seed=3, sampler=sampler)
     va = [(t.params, t.values) for t in sorted(_complete(a.study), key=lambda t: t.number)]
     vb = [(t.params, t.values) for t in sorted(_complete(b.study), key=lambda t: t.number)]
     assert va == vb
@@ -201,6 +202,7 @@ def test_cli_search_sqlite_storage_and_worker(model_path, tmp_path, capsys):
     (["--target", "params=1.5"], r"share in \(0, 1\)"),
     (["--target", "params=0.01"], "out of reach"),
     (["--target", "params=0.5", "--workers", "gpu:2"], "local:N, ray or ray:ADDRESS"),
+    (["--target", "params=0.5", "--objective", "both", "--sampler", "cmaes"], "needs tpe or nsga2"),
 ])
 def test_cli_refuses_bad_arguments(model_path, tmp_path, capsys, args, match):
     import re
@@ -213,3 +215,15 @@ def test_parse_target():
     assert parse_target("params=0.25") == ("params", 0.25)
     with pytest.raises(spa.ArgumentError, match="KIND=VALUE"):
         parse_target("0.5")
+
+
+def test_both_objectives_give_a_front_with_latency(model_path, tmp_path):
+    r = spa.search(str(model_path), "params=0.5", trials=6, out=tmp_path, objective="both")
+    assert r.study.directions == [optuna.study.StudyDirection.MINIMIZE] * 2
+    doc = json.loads((tmp_path / "pareto.json").read_text())
+    assert len(doc["trials"]) == 6 and all(t["latency_ms"] > 0 for t in doc["trials"])
+    front = [tuple(t["values"]) for t in doc["front"]]
+    for a in front:  # no front member dominates another
+        assert not any(b != a and b[0] <= a[0] and b[1] <= a[1] for b in front)
+    for t in doc["trials"]:  # every trial is dominated by (or is) a front member
+        assert any(f[0] <= t["values"][0] and f[1] <= t["values"][1] for f in front)

@@ -57,6 +57,8 @@ def search(model, target="params=0.5", trials: int = 50, *, out, objective: str 
     check_choice("objective", objective, OBJECTIVES)
     check_choice("sampler", sampler, SAMPLERS)
     wk.parse(workers)
+    if sampler == "cmaes" and objective == "both":
+        raise ArgumentError("--sampler cmaes optimizes one objective; --objective both needs tpe or nsga2")
     _, share = parse_target(target)
     if not isinstance(trials, int) or trials < 1:
         raise ArgumentError(f"trials={trials!r} must be a positive integer")

@@ -170,7 +170,9 @@ class Space:
             c0 = float(np.median((fitted - raw)[free])) if free.any() else 0.0
             lo, hi = self._bracket(lambda c: self._plan(c, raw), c0)
             plan = self._fit(lambda c: self._plan(c, raw), lo, hi)
-        meta = {**plan.meta, "allocation": "search", "family": p["family"],
+        total = sum(g.size for g in plan.groups)
+        meta = {**plan.meta, "ratio": sum(g.removed for g in plan.groups) / max(total, 1),  # channels removed
+                "allocation": "search", "family": p["family"],
                 "target": {"params": self.target}, "params_ratio": self.params(plan) / max(self.dense_params, 1)}
         return Plan(plan.groups, meta)
 

@@ -70,7 +70,10 @@ _EVALUATOR: Evaluator | None = None
 
 
 def init_process(*args) -> None:
+    import signal
+
     global _EVALUATOR
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's: it fails the trials and stops the pool
     _EVALUATOR = Evaluator(*args)
 
 

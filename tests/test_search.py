@@ -227,3 +227,21 @@ def test_both_objectives_give_a_front_with_latency(model_path, tmp_path):
         assert not any(b != a and b[0] <= a[0] and b[1] <= a[1] for b in front)
     for t in doc["trials"]:  # every trial is dominated by (or is) a front member
         assert any(f[0] <= t["values"][0] and f[1] <= t["values"][1] for f in front)
+
+
+@pytest.mark.skipif(not SLOW, reason="SPA_SLOW=1: two torch exports (~15 s)")
+def test_best_plan_prunes_the_torch_module_it_was_exported_from(tmp_path):
+    torch = pytest.importorskip("torch")
+    from spa.frontends.torch import export
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 48), torch.nn.ReLU(),
+                                 torch.nn.Linear(48, 4)).eval()
+    x = torch.randn(2, 16)
+    path = tmp_path / "m.onnx"
+    path.write_bytes(export(module, x).SerializeToString())
+    r = spa.search(str(path), "params=0.5", trials=5, out=tmp_path / "s")
+    small = spa.apply_plan(module, spa.Plan.from_json(tmp_path / "s" / "best_plan.json"), example_inputs=x)
+    kept = sum(p.numel() for p in small.parameters()) / sum(p.numel() for p in module.parameters())
+    assert kept == pytest.approx(r.best["params_ratio"], abs=1e-9)
+    assert small(x).shape == (2, 4)

@@ -156,8 +156,9 @@ def enqueue_heuristics(study) -> list[str]:
     """Enqueue the heuristics not yet complete nor waiting; returns their names."""
     from optuna.trial import TrialState
 
+    # a RUNNING one may be left over from a driver that was killed: enqueued again (at worst twice)
     have = {t.user_attrs.get("heuristic") for t in study.get_trials(deepcopy=False)
-            if t.state in (TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING)}
+            if t.state in (TrialState.COMPLETE, TrialState.WAITING)}
     added = []
     for name, params in sp.HEURISTICS:
         if name not in have:

@@ -156,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--study", default="spa-search", metavar="NAME", help="study name (default spa-search)")
     se.add_argument("--workers", default="local:1", metavar="local:N|ray|ray:ADDRESS",
                     help="where trials run: N local processes (1: this process), or Ray (default local:1)")
+    se.add_argument("--shard-calibration", action="store_true",
+                    help="spread the activations' calibration batches over the --workers too")
     se.add_argument("--seed", type=int, default=0, help="sampler and calibration seed")
     se.add_argument("--protect", nargs="+", default=[], metavar="NAME", help="node or parameter globs kept whole")
     se.add_argument("--round-to", type=int, default=1, metavar="N", help="kept channel counts are multiples of N")
@@ -319,7 +321,8 @@ def _cmd_search(args) -> int:
             args.model, args.target, args.trials, out=args.out, objective=args.objective, sampler=args.sampler,
             criterion=args.criterion, calibration=args.calibration, calibration_batches=args.calibration_batches,
             storage=args.storage, study=args.study, workers=args.workers, seed=args.seed, protect=args.protect,
-            round_to=args.round_to, input_shapes=_input_shapes(args.input_shape), progress=prog)
+            round_to=args.round_to, input_shapes=_input_shapes(args.input_shape),
+            shard_calibration=args.shard_calibration, progress=prog)
     except KeyboardInterrupt:
         print(f"spa: interrupted; the study is kept in {args.storage or Path(args.out) / 'study.log'}: the same "
               "command resumes it", file=sys.stderr)

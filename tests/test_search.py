@@ -98,8 +98,9 @@ def test_ray_workers_equal_one(model_path, tmp_path):
     ray = pytest.importorskip("ray")
     one = spa.search(str(model_path), "params=0.5", trials=4, out=tmp_path / "one")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        r = spa.search(str(model_path), "params=0.5", trials=4, out=tmp_path / "ray", workers="ray")
+    try:  # the activations' batches sharded over the Ray workers too
+        r = spa.search(str(model_path), "params=0.5", trials=4, out=tmp_path / "ray", workers="ray",
+                       shard_calibration=True)
     finally:
         ray.shutdown()
     h1, hr = _by_heuristic(one.study), _by_heuristic(r.study)

@@ -107,10 +107,11 @@ def _run_shards(workers: str, model_path: str, feeds_path: str, shards: list[lis
 
 
 def collect_stats(model_path, calibration=None, n_batches: int = 8, input_shapes: dict | None = None,
-                  seed: int = 0, workers: str = "local:2", shards: int | None = None):
+                  seed: int = 0, workers: str = "local:2", shards: int | None = None, dg=None):
     """:func:`spa.calibration.activations.collect_stats` of the model at ``model_path`` with its
     batches sharded over ``workers`` (``local:N``: N shards, one per process, ``local:1`` in this
-    process; ``ray`` / ``ray:ADDRESS``: one shard per batch), or into ``shards`` shards."""
+    process; ``ray`` / ``ray:ADDRESS``: one shard per batch), or into ``shards`` shards. ``dg``:
+    the dependency graph of the model already loaded from that path (its consumers are used)."""
     from spa import calibration as cal
     from spa import runtime
     from spa.api import load
@@ -121,8 +122,9 @@ def collect_stats(model_path, calibration=None, n_batches: int = 8, input_shapes
 
     kind, value = parse(workers)
     model_path = str(Path(model_path).resolve())
-    model = load(model_path)
-    dg = DependencyGraph(model)
+    if dg is None:
+        dg = DependencyGraph(load(model_path))
+    model = dg.model
     cons = {g.key: consumers(dg, g) for g in dg.groups}
     sess = runtime.session(model, optimize=False)
     feeds = cal.batches(calibration, model, sess, n_batches, input_shapes, seed)

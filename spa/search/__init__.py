@@ -36,7 +36,7 @@ def search(model, target="params=0.5", trials: int = 50, *, out, objective: str 
            sampler: str = "tpe", criterion: str = "l1", calibration=None, calibration_batches: int = 4,
            storage: str | None = None, study: str = STUDY, workers: str = "local:1", seed: int = 0,
            metric=None, protect=(), kinds=None, round_to: int = 1, input_shapes: dict | None = None,
-           progress: Progress = SILENT) -> SearchResult:
+           shard_calibration: bool = False, progress: Progress = SILENT) -> SearchResult:
     """Search the per-layer allocation of ``model`` (an ONNX path; a ModelProto or onnx_ir.Model
     is written into ``out`` first) for ``target`` (``params=0.5``: keep half the parameters).
 
@@ -47,7 +47,9 @@ def search(model, target="params=0.5", trials: int = 50, *, out, objective: str 
     better) replaces fidelity, and must pickle for process or Ray workers. ``sampler``: tpe,
     cmaes or nsga2. ``storage``: an Optuna RDB URL or journal path (default ``out/study.log``).
     ``workers``: ``local:N`` (N processes; 1 runs in this process), ``ray`` or ``ray:ADDRESS``.
-    Scores use ``criterion`` on ``calibration`` inputs, computed once and cached in ``out``.
+    Scores use ``criterion`` on ``calibration`` inputs, computed once and cached in ``out``;
+    ``shard_calibration`` spreads the activations' batches over the workers
+    (``spa.calibration.sharded``: the same statistics within float tolerance).
     """
     optuna = _optuna()
     from spa.criteria.registry import check_choice
@@ -85,7 +87,7 @@ def search(model, target="params=0.5", trials: int = 50, *, out, objective: str 
             raise ArgumentError(f"the study '{study}' in {storage or folder / driver.JOURNAL} was started with other "
                                 "settings (model, target, objective, criterion or calibration); pass another --out "
                                 "(or --study name) or remove it")
-    prepared = driver.prepare(settings, progress)
+    prepared = driver.prepare(settings, progress, workers if shard_calibration else "local:1")
     st_obj = optuna.create_study(study_name=study, storage=st, directions=settings.directions, load_if_exists=True,
                                  sampler=driver.sampler(sampler, seed, len(found.trials) if found else 0))
     st_obj.set_user_attr("settings", settings.as_dict())

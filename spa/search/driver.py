@@ -97,9 +97,10 @@ class Prepared:
     settings: Settings
 
 
-def prepare(settings: Settings, progress) -> Prepared:
+def prepare(settings: Settings, progress, workers: str = "local:1") -> Prepared:
     """Graph, scores and per-group metrics (cached in the folder by settings key), the
-    calibration batches and the dense outputs (cached too), and the space."""
+    calibration batches and the dense outputs (cached too), and the space. With ``workers``
+    other than ``local:1``, the activations' calibration batches are sharded over them."""
     from spa import runtime
     from spa.api import dependency_graph, load
     from spa.calibration.activations import collect_stats
@@ -118,9 +119,16 @@ def prepare(settings: Settings, progress) -> Prepared:
     stats_data = cache.load_scores(folder, settings.key, dg.groups)
     cal = cache.load_calibration(folder, settings.key)
     if stats_data is None or cal is None:
-        with progress.step(f"collecting activations (calibration: {settings.calibration or 'gaussian'})"):
-            stats = collect_stats(model, dg, settings.calibration, settings.calibration_batches,
-                                  settings.input_shapes, settings.seed)
+        with progress.step(f"collecting activations (calibration: {settings.calibration or 'gaussian'}"
+                           + (f", sharded over {workers})" if workers != "local:1" else ")")):
+            if workers == "local:1":
+                stats = collect_stats(model, dg, settings.calibration, settings.calibration_batches,
+                                      settings.input_shapes, settings.seed)
+            else:
+                from spa.calibration import sharded
+
+                stats = sharded.collect_stats(settings.model, settings.calibration, settings.calibration_batches,
+                                              settings.input_shapes, settings.seed, workers=workers, dg=dg)
         with progress.step(f"scoring ({settings.criterion}) and caching the scores in {folder}"):
             scores = score_groups(dg, settings.criterion, seed=settings.seed, stats=stats)
             scores = type(scores)({g.key: scores[g.key] for g in dg.groups}, scores.criterion, dict(scores.slots))

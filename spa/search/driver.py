@@ -71,7 +71,7 @@ def storage(url: str | None, folder: Path):
             return optuna.storages.RDBStorage(url)
         except (ImportError, ValueError, optuna.exceptions.StorageInternalError) as exc:
             raise ArgumentError(f"--storage {url}: cannot open it as an RDB storage ({exc})") from exc
-    return JournalStorage(JournalFileBackend(url))
+    return JournalStorage(JournalFileBackend(str(Path(url).resolve())))
 
 
 def sampler(name: str, seed: int, n_done: int):

@@ -246,3 +246,10 @@ def test_best_plan_prunes_the_torch_module_it_was_exported_from(tmp_path):
     kept = sum(p.numel() for p in small.parameters()) / sum(p.numel() for p in module.parameters())
     assert kept == pytest.approx(r.best["params_ratio"], abs=1e-9)
     assert small(x).shape == (2, 4)
+
+
+def test_a_foreign_study_is_refused(model_path, tmp_path):
+    url = f"sqlite:///{tmp_path / 'other.db'}"
+    optuna.create_study(study_name="spa-search", storage=url)
+    with pytest.raises(spa.ArgumentError, match="not an SPA search study"):
+        spa.search(str(model_path), "params=0.5", trials=2, out=tmp_path / "o", storage=url)

@@ -81,7 +81,10 @@ def search(model, target="params=0.5", trials: int = 50, *, out, objective: str 
     st = driver.storage(storage, folder)
     found = _existing(optuna, st, study)
     if found is not None:
-        old = Settings.from_dict(found.user_attrs.get("settings", {}))
+        if "settings" not in found.user_attrs:
+            raise ArgumentError(f"the study '{study}' in {storage or folder / driver.JOURNAL} is not an SPA search "
+                                "study; pass another --study name or --storage")
+        old = Settings.from_dict(found.user_attrs["settings"])
         if (old.key, old.objective, old.target, old.metric, old.round_to) != \
                 (settings.key, objective, share, settings.metric, round_to):
             raise ArgumentError(f"the study '{study}' in {storage or folder / driver.JOURNAL} was started with other "

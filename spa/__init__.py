@@ -46,9 +46,18 @@ from spa.sensitivity_report import SensitivityResult, sensitivity
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    if name == "search":  # spa.search(...): the allocation search package, callable (spa/search)
+        import importlib
+
+        return importlib.import_module("spa.search")
+    raise AttributeError(f"module 'spa' has no attribute {name!r}")
+
 __all__ = [
     "ArgumentError", "Barrier", "BlockedGroup", "DependencyGraph", "Dim", "EquivalenceError", "FrontendError",
     "Group", "GroupPlan", "IndexMap", "Member", "Plan", "PlanError", "PruneResult", "SensitivityResult", "SpaError",
     "UnsupportedModelError", "ValidationError", "apply_plan", "collect_stats", "dependency_graph", "export_plan",
-    "from_pretrained", "load", "load_module", "make_plan", "prune", "save", "save_module", "score", "sensitivity",
+    "from_pretrained", "load", "load_module", "make_plan", "prune", "save", "save_module", "score", "search",
+    "sensitivity",
 ]

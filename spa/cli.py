@@ -1,4 +1,4 @@
-"""The ``spa`` command line: inspect, prune, apply, bench, sensitivity, demo."""
+"""The ``spa`` command line: inspect, prune, apply, bench, sensitivity, search, worker, demo."""
 
 from __future__ import annotations
 
@@ -161,6 +161,42 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--no-cache", dest="cache", action="store_false", help="neither read nor write the cache")
     _add_shape_arg(se)
     _add_device_args(se)
+    se = sub.add_parser("search", help="search the per-layer allocation for a budget (Optuna)")
+    se.add_argument("model")
+    se.add_argument("--target", required=True, metavar="params=S",
+                    help="the budget: params=0.5 keeps half the dense model's parameters")
+    se.add_argument("--trials", type=int, default=50, metavar="N",
+                    help="trials of the study (an earlier run's included; default 50)")
+    se.add_argument("--objective", choices=("fidelity", "latency", "both"), default="fidelity",
+                    help="minimize the relative output error against the dense model (fidelity), the onnxruntime "
+                         "latency, or both (a Pareto front); default fidelity")
+    se.add_argument("--sampler", choices=("tpe", "cmaes", "nsga2"), default="tpe", help="Optuna sampler (default tpe)")
+    se.add_argument("--criterion", default="l1", choices=criterion_names(),
+                    help="channel scores (computed once, cached in --out); default l1")
+    se.add_argument("--calibration", default=None, metavar="gaussian|zipf|lm-sample|model|DIR",
+                    help="inputs for activations and fidelity (as for prune; default gaussian)")
+    se.add_argument("--calibration-batches", type=int, default=4, metavar="N", help="batches (default 4)")
+    se.add_argument("--out", required=True, metavar="DIR",
+                    help="study folder: best_plan.json, pareto.json, pareto.png, study.log (the same command "
+                         "again resumes the study)")
+    se.add_argument("--storage", metavar="URL", help="an Optuna RDB URL (sqlite:///x.db) instead of DIR/study.log")
+    se.add_argument("--study", default="spa-search", metavar="NAME", help="study name (default spa-search)")
+    se.add_argument("--workers", default="local:1", metavar="local:N|ray|ray:ADDRESS",
+                    help="where trials run: N local processes (1: this process), or Ray (default local:1)")
+    se.add_argument("--shard-calibration", action="store_true",
+                    help="spread the activations' calibration batches over the --workers too")
+    se.add_argument("--seed", type=int, default=0, help="sampler and calibration seed")
+    se.add_argument("--protect", nargs="+", default=[], metavar="NAME", help="node or parameter globs kept whole")
+    se.add_argument("--round-to", type=int, default=1, metavar="N", help="kept channel counts are multiples of N")
+    _add_shape_arg(se)
+
+    wo = sub.add_parser("worker", help="run trials of a running search study from this process or host")
+    wo.add_argument("--storage", required=True, metavar="URL",
+                    help="the study's storage: its study.log path or RDB URL")
+    wo.add_argument("--study", default="spa-search", metavar="NAME")
+    wo.add_argument("--trials", type=int, default=None, metavar="N", help="stop when the study has N trials "
+                    "(default: the number it was started with)")
+    wo.add_argument("--seed", type=int, default=0)
 
     de = sub.add_parser("demo", help="build a small ResNet, prune it 50%%, verify it and compare")
     de.add_argument("--ratio", type=float, default=0.5)
@@ -337,6 +373,38 @@ def _cmd_sensitivity(args) -> int:
     if args.plot:
         result.plot(args.plot)
         prog.note(f"wrote {args.plot}")
+def _cmd_search(args) -> int:
+    import spa.search as search
+
+    prog = Progress(True)
+    try:
+        result = search.search(
+            args.model, args.target, args.trials, out=args.out, objective=args.objective, sampler=args.sampler,
+            criterion=args.criterion, calibration=args.calibration, calibration_batches=args.calibration_batches,
+            storage=args.storage, study=args.study, workers=args.workers, seed=args.seed, protect=args.protect,
+            round_to=args.round_to, input_shapes=_input_shapes(args.input_shape),
+            shard_calibration=args.shard_calibration, progress=prog)
+    except KeyboardInterrupt:
+        print(f"spa: interrupted; the study is kept in {args.storage or Path(args.out) / 'study.log'}: the same "
+              "command resumes it", file=sys.stderr)
+        return 130
+    print("\n".join(result.summary()))
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"wrote {Path(args.out) / 'best_plan.json'} (spa apply MODEL {Path(args.out) / 'best_plan.json'} -o OUT), "
+          "pareto.json, pareto.png")
+    return 0
+
+
+def _cmd_worker(args) -> int:
+    import spa.search as search
+
+    try:
+        n = search.join(args.storage, args.study, args.trials, args.seed, progress=Progress(True))
+    except KeyboardInterrupt:
+        print("spa: interrupted; the trials this worker ran are in the study", file=sys.stderr)
+        return 130
+    print(f"ran {n} trials of study '{args.study}'")
     return 0
 
 
@@ -371,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="[spa] %(message)s")
     handler = {"inspect": _cmd_inspect, "prune": _cmd_prune, "apply": _cmd_apply, "bench": _cmd_bench,
-               "sensitivity": _cmd_sensitivity, "demo": _cmd_demo}[args.command]
+               "sensitivity": _cmd_sensitivity, "demo": _cmd_demo, "search": _cmd_search,
+               "worker": _cmd_worker}[args.command]
     try:
         from spa.io import refuse_overwriting_inputs
 

@@ -57,27 +57,38 @@ def _spread(metric: np.ndarray, ratio: float, spread: float, higher_keeps: bool)
     return out
 
 
+def alpha_metric(groups, weights) -> np.ndarray:
+    """The mean Hill α of each group's producer weights (NaN where it has none)."""
+    return np.array([np.nanmean([hill_alpha(w) for w in _producer_matrices(g, weights)] or [np.nan])
+                     for g in groups])
+
+
 def alpha_ratios(groups, weights, ratio: float, spread: float = 0.2) -> dict[str, float]:
     """AlphaPruning-style ratios: lower α (heavier tail) -> fewer channels removed."""
-    metric = np.array([np.nanmean([hill_alpha(w) for w in _producer_matrices(g, weights)] or [np.nan])
-                       for g in groups])
-    raw = _spread(metric, ratio, spread, higher_keeps=False)
+    raw = _spread(alpha_metric(groups, weights), ratio, spread, higher_keeps=False)
     sizes = np.array([g.size for g in groups], dtype=float)
     return dict(zip((g.key for g in groups), fit_target(sizes, raw, ratio)))
 
 
-def owl_ratios(groups, weights, stats, ratio: float, spread: float = 0.08, m: float = 5.0) -> dict[str, float]:
-    """OWL-style ratios: a larger share of |W|·‖X‖ outliers (> m × mean) -> fewer removed."""
+def owl_metric(groups, weights, stats, ms=(5.0,)) -> np.ndarray:
+    """Share of |W|·‖X‖ outliers (> m × mean) over each group's consumer weights, one row per
+    ``m`` of ``ms`` (NaN where a group has no consumer layer with statistics)."""
     cons, hs = stats.consumers, stats.moments
-    metric = []
-    for g in groups:
+    metric = np.full((len(ms), len(groups)), np.nan)
+    for j, g in enumerate(groups):
         parts = []
         for c in cons.get(g.key, []):
             if c.key not in hs:
                 continue
             score = np.abs(c.matrix(weights(c.member.param))) * np.sqrt(np.maximum(np.diag(hs[c.key]), 0))[None, :]
-            parts.append(float((score > m * score.mean()).mean()))
-        metric.append(np.mean(parts) if parts else np.nan)
-    raw = _spread(np.array(metric), ratio, spread, higher_keeps=True)
+            parts.append([float((score > m * score.mean()).mean()) for m in ms])
+        if parts:
+            metric[:, j] = np.mean(parts, axis=0)
+    return metric
+
+
+def owl_ratios(groups, weights, stats, ratio: float, spread: float = 0.08, m: float = 5.0) -> dict[str, float]:
+    """OWL-style ratios: a larger share of |W|·‖X‖ outliers (> m × mean) -> fewer removed."""
+    raw = _spread(owl_metric(groups, weights, stats, (m,))[0], ratio, spread, higher_keeps=True)
     sizes = np.array([g.size for g in groups], dtype=float)
     return dict(zip((g.key for g in groups), fit_target(sizes, raw, ratio)))

@@ -115,13 +115,14 @@ def distinct_inputs(consumers_: list[Consumer]) -> dict[tuple, Consumer]:
 
 
 def collect(model, consumers_: list[Consumer], feeds: list[dict], chunk: int = 8,
-            means: dict | None = None) -> dict[tuple, np.ndarray]:
+            means: dict | None = None, accumulator=Accumulator) -> dict[tuple, np.ndarray]:
     """Mean XᵀX per distinct consumer input (keyed by ``Consumer.key``), over all batches;
     the column means go into ``means`` when given (FLAP's bias compensation). The whole model
-    runs once per ``chunk`` inputs."""
+    runs once per ``chunk`` inputs. ``accumulator`` makes the Accumulator (sharded
+    calibration keeps the raw sums)."""
     from spa import runtime
 
-    acc = Accumulator(distinct_inputs(consumers_), means)
+    acc = accumulator(distinct_inputs(consumers_), means)
     names = sorted({c.x for c in acc.by_key.values()})
     sess = runtime.session_exposing(model, names)
     for start in range(0, len(names), chunk):
@@ -132,13 +133,13 @@ def collect(model, consumers_: list[Consumer], feeds: list[dict], chunk: int = 8
 
 
 def collect_blockwise(model, consumers_: list[Consumer], runner, means: dict | None = None,
-                      transform=None) -> dict[tuple, np.ndarray]:
+                      transform=None, accumulator=Accumulator) -> dict[tuple, np.ndarray]:
     """As :func:`collect`, running the model block by block (``spa.calibration.blockwise``):
     every block once per batch, all its consumer inputs read in that run, and only the current
     cut's values held between blocks."""
     from spa.calibration.blockwise import block_of_nodes
 
-    acc = Accumulator(distinct_inputs(consumers_), means)
+    acc = accumulator(distinct_inputs(consumers_), means)
     where = block_of_nodes(model, runner.blocks)
     out = Moments({}, means if means is not None else {})
     for block in runner.blocks:

@@ -1,0 +1,265 @@
+"""The search space of the allocation search and the ``params`` target.
+
+A trial picks an allocation *family* (a categorical) and that family's parameters:
+
+* ``uniform`` / ``global``: the two fixed heuristics (no parameter);
+* ``owl``: OWL's outlier threshold ``owl_m`` (a grid whose metric is cached) and spread;
+* ``alpha``: AlphaPruning's spread over the Hill α of each group's weights;
+* ``dsa``: a DSA-style function of a per-group statistic, ``ratio_i = c + a·rank(stat_i)^b``
+  (rank normalized to [0, 1]; the statistic is α or the OWL outlier share);
+* ``layers``: one ratio per layer (the groups of one transformer layer share it; a group
+  outside any layer is its own).
+
+Every parameter is suggested in every trial (a flat space, so CMA-ES and multivariate TPE see
+the same parameters in each trial); a family reads only its own. The raw per-group ratios are
+then shifted by one constant (clipped to ``[0, cap]``) until the plan's parameter count is the
+target: a first guess from the groups' parameters per channel (``layerwise.fit_target`` over
+``obs.params_per_channel``), then a bisection on the exact count of the plan.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from spa.allocation import allocate, is_protected
+from spa.allocation.layerwise import _spread, alpha_metric, fit_target, owl_metric
+from spa.allocation.obs import params_per_channel
+from spa.criteria.registry import Scores
+from spa.errors import ArgumentError
+from spa.plan import Plan
+
+FAMILIES = ("uniform", "global", "owl", "alpha", "dsa", "layers")
+#: The heuristics enqueued as the first trials: (name, fixed parameters).
+HEURISTICS = (
+    ("uniform", {"family": "uniform"}),
+    ("global", {"family": "global"}),
+    ("owl", {"family": "owl", "owl_m": 5.0, "owl_spread": 0.08}),
+    ("alpha", {"family": "alpha", "alpha_spread": 0.2}),
+)
+OWL_MS = (3.0, 5.0, 7.0, 10.0)
+TARGET_KINDS = ("params",)
+#: A plan's parameter count is fitted to within this share of the dense count.
+TARGET_TOLERANCE = 0.005
+
+
+def parse_target(text) -> tuple[str, float]:
+    """``params=0.5`` -> ("params", 0.5): the share of the dense model's parameters kept."""
+    if isinstance(text, tuple):
+        kind, value = text
+    else:
+        kind, sep, value = str(text).partition("=")
+        if not sep:
+            raise ArgumentError(f"target {text!r}: expected KIND=VALUE, e.g. params=0.5")
+    kind = kind.strip()
+    if kind not in TARGET_KINDS:
+        raise ArgumentError(f"target kind {kind!r} is not supported by the search; use one of "
+                            f"{', '.join(TARGET_KINDS)} (a share of the dense model, e.g. params=0.5)")
+    try:
+        share = float(value)
+    except ValueError:
+        raise ArgumentError(f"target {text!r}: {value!r} is not a number (params=0.5 keeps half the "
+                            "parameters)") from None
+    if not 0.0 < share < 1.0:
+        raise ArgumentError(f"target {kind}={share:g} must be a share in (0, 1) of the dense model")
+    return kind, share
+
+
+@dataclass
+class Statistics:
+    """What the space reads besides the graph: channel scores and per-group metrics (cached)."""
+
+    scores: Scores
+    alpha: np.ndarray  # Hill α per candidate group
+    owl: np.ndarray | None  # outlier share per OWL_MS row and candidate group (None without activations)
+
+
+def candidates(dg, scores: Scores, protect=(), kinds=None) -> list:
+    """The groups the search allocates: scored, not protected, of the selected kinds."""
+    return [g for g in dg.groups if scores[g.key] is not None and g.size > 1
+            and not (protect and is_protected(g, protect)) and (kinds is None or g.kind in kinds)]
+
+
+def layer_index(model, groups) -> list[int]:
+    """The layer of each group: the transformer layer (``spa.depth``) holding its producer
+    node, else a layer of its own."""
+    from spa import depth
+    from spa.errors import SpaError
+
+    try:
+        blocks = depth.find_blocks(model)
+    except SpaError:
+        blocks = []
+    node_layer = {n: b.layer for b in blocks if b.layer is not None for n in b.nodes}
+    out, own = [], {}
+    for g in groups:
+        producers = [m.node for m in g.params if m.role == "out" and m.node] or [m.node for m in g.params if m.node]
+        layer = next((node_layer[n] for n in producers if n in node_layer), None)
+        out.append(("layer", layer) if layer is not None else ("group", g.key))
+    for k in out:
+        own.setdefault(k, len(own))
+    return [own[k] for k in out]
+
+
+class Space:
+    """Turns a trial's parameters into per-group ratios and a plan that meets the target."""
+
+    def __init__(self, dg, stats: Statistics, target: float, protect=(), kinds=None, round_to: int = 1,
+                 cap: float = 0.9):
+        self.dg, self.stats, self.target = dg, stats, target
+        self.protect, self.kinds, self.round_to, self.cap = tuple(protect), kinds, round_to, cap
+        self.groups = candidates(dg, stats.scores, self.protect, kinds)
+        self.layer = np.array(layer_index(dg.model, self.groups), dtype=int)
+        self.n_layers = int(self.layer.max()) + 1 if self.groups else 0
+        self.ppc = np.array([params_per_channel(g, dg.weights) for g in self.groups])
+        self.sizes = np.array([g.size for g in self.groups], dtype=float)
+        self._dense = self._param_sizes()
+        self.dense_params = int(sum(math.prod(s) for s in self._dense.values()))
+        self._axes = [(m.param, m.param_axis, g.key, m) for g in dg.groups for m in g.params
+                      if m.param in self._dense and m.param_axis is not None]
+        self._check_reachable()
+
+    # ---- parameters ----------------------------------------------------------------------
+    def suggest(self, trial) -> dict:
+        """Suggest every parameter of the space on an Optuna trial; returns them."""
+        fams = FAMILIES if self.stats.owl is not None else tuple(f for f in FAMILIES if f != "owl")
+        p = {"family": trial.suggest_categorical("family", fams)}
+        if self.stats.owl is not None:
+            p["owl_m"] = trial.suggest_categorical("owl_m", OWL_MS)
+            p["owl_spread"] = trial.suggest_float("owl_spread", 0.0, 0.3)
+        p["alpha_spread"] = trial.suggest_float("alpha_spread", 0.0, 0.4)
+        p["dsa_stat"] = trial.suggest_categorical("dsa_stat", ("alpha", "owl") if self.stats.owl is not None
+                                                  else ("alpha",))
+        p["dsa_a"] = trial.suggest_float("dsa_a", -0.4, 0.4)
+        p["dsa_b"] = trial.suggest_float("dsa_b", 0.25, 4.0, log=True)
+        for i in range(self.n_layers):
+            p[f"layer_{i}"] = trial.suggest_float(f"layer_{i}", 0.0, self.cap)
+        return p
+
+    def raw_ratios(self, p: dict) -> np.ndarray:
+        """Per-group ratios of a family before the target shift (around the target's ratio)."""
+        fam = p["family"]
+        base = np.full(len(self.groups), 0.5)
+        if fam == "uniform":
+            return base
+        if fam == "owl":
+            row = self.stats.owl[OWL_MS.index(float(p["owl_m"]))]
+            return _spread(row, 0.5, float(p["owl_spread"]), higher_keeps=True)
+        if fam == "alpha":
+            return _spread(self.stats.alpha, 0.5, float(p["alpha_spread"]), higher_keeps=False)
+        if fam == "dsa":
+            stat = self.stats.alpha if p["dsa_stat"] == "alpha" else self.stats.owl[OWL_MS.index(5.0)]
+            return 0.5 + float(p["dsa_a"]) * _rank(stat) ** float(p["dsa_b"])
+        if fam == "layers":
+            per = np.array([float(p[f"layer_{i}"]) for i in range(self.n_layers)])
+            return per[self.layer] if self.n_layers else base
+        raise ArgumentError(f"unknown allocation family {fam!r}; one of {', '.join(FAMILIES)}")
+
+    # ---- plans ---------------------------------------------------------------------------
+    def plan(self, p: dict) -> Plan:
+        """The plan of a trial's parameters, fitted to the parameter target."""
+        if p["family"] == "global":
+            plan = self._fit(lambda c: self._plan(c, None), 0.0, 0.99)
+        else:
+            raw = self.raw_ratios(p)
+            # first guess: the shift that removes 1 - target of the channels' parameters
+            fitted = fit_target(self.sizes * self.ppc, raw, 1.0 - self.target, self.cap)
+            free = (fitted > 0) & (fitted < self.cap)
+            c0 = float(np.median((fitted - raw)[free])) if free.any() else 0.0
+            lo, hi = self._bracket(lambda c: self._plan(c, raw), c0)
+            plan = self._fit(lambda c: self._plan(c, raw), lo, hi)
+        total = sum(g.size for g in plan.groups)
+        meta = {**plan.meta, "ratio": sum(g.removed for g in plan.groups) / max(total, 1),  # channels removed
+                "allocation": "search", "family": p["family"],
+                "target": {"params": self.target}, "params_ratio": self.params(plan) / max(self.dense_params, 1)}
+        return Plan(plan.groups, meta)
+
+    def _plan(self, c: float, raw) -> Plan:
+        if raw is None:
+            return allocate(self.dg, self.stats.scores, min(max(c, 0.0), 0.99), global_pruning=True,
+                            round_to=self.round_to, protect=self.protect, max_group_ratio=self.cap, kinds=self.kinds)
+        ratios = dict(zip((g.key for g in self.groups), np.clip(raw + c, 0.0, self.cap).tolist()))
+        return allocate(self.dg, self.stats.scores, 0.0, round_to=self.round_to, protect=self.protect,
+                        kinds=self.kinds, ratios=ratios, max_group_ratio=self.cap)
+
+    def _bracket(self, make, c0: float) -> tuple[float, float]:
+        """A shift interval around ``c0`` whose ends keep more and fewer parameters than the target."""
+        want = self.target * self.dense_params
+        lo, hi, step = c0 - 0.1, c0 + 0.1, 0.2
+        while lo > -2.0 and self.params(make(lo)) < want:
+            lo, step = lo - step, step * 2
+        step = 0.2
+        while hi < 2.0 and self.params(make(hi)) > want:
+            hi, step = hi + step, step * 2
+        return max(lo, -2.0), min(hi, 2.0)
+
+    def _fit(self, make, lo: float, hi: float) -> Plan:
+        """Bisection on the shift: the plan whose parameter share is closest to the target."""
+        want = self.target * self.dense_params
+        best, best_err = None, math.inf
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            plan = make(mid)
+            got = self.params(plan)
+            if abs(got - want) < best_err:
+                best, best_err = plan, abs(got - want)
+            if best_err <= TARGET_TOLERANCE * self.dense_params or hi - lo < 1e-7:
+                break
+            lo, hi = (lo, mid) if got < want else (mid, hi)
+        return best
+
+    # ---- counting ------------------------------------------------------------------------
+    def _param_sizes(self) -> dict[str, tuple[int, ...]]:
+        from spa.metrics import param_elements
+
+        sizes = param_elements(self.dg.model)
+        shapes = {n: tuple(v.const_value.shape.numpy()) for gr in self.dg.model.graphs()
+                  for n, v in gr.initializers.items() if v.const_value is not None}
+        return {n: shapes.get(n, (k,)) for n, k in sizes.items()}
+
+    def params(self, plan: Plan) -> int:
+        """Parameters of the model ``plan`` prunes to, counted from the kept indices."""
+        kept = {g.key: g for g in plan.groups}
+        axes: dict[str, dict[int, int]] = {}
+        for param, axis, key, member in self._axes:
+            gp = kept.get(key)
+            if gp is None or not gp.changes:
+                continue
+            n = len(member.kept_indices(np.asarray(gp.keep), gp.slots))
+            axes.setdefault(param, {})[axis] = n
+        total = 0
+        for name, shape in self._dense.items():
+            cut = axes.get(name)
+            total += math.prod(cut.get(i, d) for i, d in enumerate(shape)) if cut else math.prod(shape)
+        return int(total)
+
+    def _check_reachable(self) -> None:
+        if not self.groups:
+            raise ArgumentError("the model has no prunable group the search could allocate (all blocked, protected "
+                                "or not scored); `spa inspect MODEL` lists the barriers")
+        floor = self._plan(self.cap, np.zeros(len(self.groups)))
+        least = self.params(floor) / self.dense_params
+        if least > self.target + TARGET_TOLERANCE:
+            raise ArgumentError(f"target params={self.target:g} is out of reach: pruning every candidate group to "
+                                f"{self.cap:.0%} of its channels keeps {least:.3f} of the parameters (the rest is "
+                                f"blocked or protected); ask for params >= {least:.3f}")
+
+
+def _rank(stat: np.ndarray) -> np.ndarray:
+    """Ranks of ``stat`` normalized to [0, 1] (NaN ranks in the middle)."""
+    out = np.full(stat.shape, 0.5)
+    ok = np.isfinite(stat)
+    if ok.sum() >= 2:
+        order = np.argsort(np.argsort(stat[ok], kind="stable"), kind="stable")
+        out[ok] = order / (ok.sum() - 1)
+    return out
+
+
+def statistics(dg, scores: Scores, stats, protect=(), kinds=None) -> Statistics:
+    """The per-group metrics of the candidate groups (α always; OWL's with activations)."""
+    groups = candidates(dg, scores, protect, kinds)
+    alpha = alpha_metric(groups, dg.weights)
+    owl = owl_metric(groups, dg.weights, stats, OWL_MS) if stats is not None else None
+    return Statistics(scores, alpha, owl)

@@ -373,6 +373,9 @@ def _cmd_sensitivity(args) -> int:
     if args.plot:
         result.plot(args.plot)
         prog.note(f"wrote {args.plot}")
+    return 0
+
+
 def _cmd_search(args) -> int:
     import spa.search as search
 

@@ -1,0 +1,551 @@
+"""Prune to a budget: ``params``, ``macs``, ``bytes`` or ``latency`` targets.
+
+A target is a ratio to the dense model (``params=0.5``: half the parameters) or an absolute
+figure (``params=3.5M``, ``macs=2G``, ``bytes=40MB``, ``latency=12ms``). :func:`parse` reads
+one; :func:`search` finds the plan that meets it.
+
+How a plan is found. Scores are computed once; allocation is cheap, so the search walks over
+plans, not models:
+
+* ``uniform`` and ``global`` allocations become a *schedule*: a sequence of single removals
+  (one channel, or ``round_to`` channels, of one group). ``uniform`` orders them by the share of
+  its group each removal reaches (so any prefix is the most even split), ``global`` by the
+  channel's normalized score (the ranking of ``--global``). A prefix of the schedule is a plan;
+  the figure falls with the prefix, so the prefix meeting the target is found by bisection. A
+  group whose single step is coarser than the tolerance (one head of a four-head layer) is held
+  where it was and the bisection runs again over the others, so the target is met to the
+  tolerance wherever the finer groups can absorb the rest.
+* layer-wise allocations (``alpha``, ``owl``, ``obs``) bisect the overall ratio they are given.
+
+Each candidate plan is applied to a copy of the model and its figure counted
+(``spa.metrics``); protect, kinds and round_to hold because every plan goes through
+``spa.allocation.allocate``.
+
+Latency (onnxruntime, on the current device, with the user's threads and input shapes) uses a
+latency model: the dense model and the model pruned at a few points of the schedule are timed,
+giving latency as a monotone piecewise-linear function of the MACs of the pruned model; the
+bisection then runs on predicted latency (MACs are counted, not timed). The chosen plan's model
+is timed; when it misses the tolerance, that point joins the model and the search repeats (at
+most ``LATENCY_ROUNDS`` times). Latency targets depend on timing: the same command can choose a
+slightly different plan on a busy machine.
+
+Tolerances are shares of the *dense* figure: ``TOLERANCE`` (1%) for params / MACs / bytes,
+``LATENCY_TOLERANCE`` (5%) for latency.
+
+Depth (``--depth``) runs first; its removed units count toward the target: the dense figure is
+the model's before depth, and width pruning removes what remains to reach the target.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from spa.errors import ArgumentError
+
+KINDS = ("params", "macs", "bytes", "latency")
+TOLERANCE = 0.01
+LATENCY_TOLERANCE = 0.05
+LATENCY_ROUNDS = 3
+#: Schedule points (shares of the whole schedule) the latency model times, besides the dense model.
+LATENCY_POINTS = (0.25, 0.5, 0.75, 1.0)
+
+_COUNT = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+_BYTES = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30,
+          "tib": 2 ** 40}
+_TIME = {"ms": 1.0, "s": 1e3, "us": 1e-3}
+
+
+@dataclass(frozen=True)
+class Target:
+    """``kind`` (params / macs / bytes / latency) and a ratio to the dense model, or an absolute
+    ``value`` (a count, bytes, or milliseconds)."""
+
+    kind: str
+    value: float
+    relative: bool
+    text: str
+
+    def goal(self, dense: float) -> float:
+        """The figure to reach, given the dense model's."""
+        return self.value * dense if self.relative else self.value
+
+    @property
+    def tolerance(self) -> float:
+        return LATENCY_TOLERANCE if self.kind == "latency" else TOLERANCE
+
+
+def parse(spec) -> Target:
+    """``KIND=VALUE``: ``params=0.5`` (a ratio in (0, 1]), ``params=3.5M``, ``macs=2G``,
+    ``bytes=40MB`` / ``40MiB``, ``latency=0.6``, ``latency=12ms``. A ``Target`` passes through."""
+    if isinstance(spec, Target):
+        return spec
+    if not isinstance(spec, str):
+        raise ArgumentError(f"target {spec!r}: expected a string KIND=VALUE such as 'params=0.5' or 'bytes=40MB'")
+    kind, sep, value = spec.replace(" ", "").partition("=")
+    kind = kind.lower()
+    if not sep or kind not in KINDS:
+        raise ArgumentError(f"target {spec!r}: expected KIND=VALUE with KIND one of {', '.join(KINDS)} "
+                            "(e.g. params=0.5, macs=0.4, bytes=40MB, latency=12ms)")
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)([a-zA-Z]*)", value)
+    if not m:
+        raise ArgumentError(f"target {spec!r}: {value!r} is not a number with an optional unit")
+    number, unit = float(m.group(1)), m.group(2).lower()
+    if not unit:
+        if 0 < number <= 1:
+            return Target(kind, number, True, spec)
+        if kind == "latency":
+            raise ArgumentError(f"target {spec!r}: a latency is a ratio in (0, 1] or a time with its unit "
+                                "(12ms, 0.5s, 800us)")
+        if number <= 0:
+            raise ArgumentError(f"target {spec!r}: must be positive")
+        return Target(kind, number, False, spec)
+    table = _TIME if kind == "latency" else _BYTES if kind == "bytes" else _COUNT
+    if unit not in table:
+        raise ArgumentError(f"target {spec!r}: unknown unit {m.group(2)!r} for {kind} "
+                            f"(use {', '.join(u.upper() if kind != 'latency' else u for u in table if u)})")
+    if number <= 0:
+        raise ArgumentError(f"target {spec!r}: must be positive")
+    return Target(kind, number * table[unit], False, spec)
+
+
+def weight_bytes(model) -> int:
+    """Bytes of every initializer (If / Loop / Scan bodies included): the weights on disk."""
+    return int(sum(v.const_value.nbytes for g in model.graphs() for v in g.initializers.values()
+                   if v.const_value is not None))
+
+
+def count(kind: str, model, input_shapes=None) -> float:
+    """The model's parameters, MACs or weight bytes."""
+    from spa.metrics import count_macs, count_params
+
+    if kind == "params":
+        return float(count_params(model))
+    if kind == "macs":
+        return float(count_macs(model, input_shapes))
+    if kind == "bytes":
+        return float(weight_bytes(model))
+    raise ArgumentError(f"count({kind!r}): latency is measured, not counted (spa.targets.Timer)")
+
+
+def fmt(kind: str, value: float) -> str:
+    if kind == "latency":
+        return f"{value:.3f} ms"
+    if kind == "bytes":
+        return f"{value / 2 ** 20:,.2f} MiB" if value >= 2 ** 20 else f"{value:,.0f} B"
+    return f"{value:,.0f}"
+
+
+class Timer:
+    """Median onnxruntime latency of models on the current device, with fixed feeds."""
+
+    def __init__(self, model, threads: int | None = None, input_shapes=None, runs: int = 20):
+        from spa import runtime
+
+        self.threads, self.runs = threads, runs
+        sess = runtime.session(model, threads=threads)
+        self.feeds = runtime.random_feeds(sess, input_shapes)
+        self.calls = 0
+
+    def __call__(self, model) -> float:
+        from spa import runtime
+
+        sess = runtime.session(model, threads=self.threads)
+        self.calls += 1
+        return runtime.latency_ms(sess, self.feeds, warmup=3, runs=self.runs)
+
+
+class LatencyModel:
+    """Latency as a monotone piecewise-linear function of MACs, from timed points."""
+
+    def __init__(self):
+        self.points: list[tuple[float, float]] = []
+
+    def add(self, macs: float, ms: float) -> None:
+        self.points.append((float(macs), float(ms)))
+
+    def __call__(self, macs: float) -> float:
+        pts = sorted(self.points)
+        x = np.array([p[0] for p in pts])
+        y = np.maximum.accumulate(np.array([p[1] for p in pts]))  # more MACs never predict less time
+        if len(pts) == 1:
+            return float(y[0])
+        return float(np.interp(macs, x, y))
+
+
+@dataclass
+class Outcome:
+    """What a target search reached."""
+
+    target: Target
+    dense: float  # the dense model's figure (before depth)
+    goal: float
+    achieved: float
+    plans_tried: int = 0
+    timed: int = 0  # models timed (latency targets)
+    predicted: float | None = None  # the latency model's figure for the chosen plan
+    reachable: float | None = None  # the lowest figure the prunable part allows
+    notes: list = field(default_factory=list)
+
+    @property
+    def error(self) -> float:
+        """|achieved - goal| as a share of the dense figure."""
+        return abs(self.achieved - self.goal) / max(self.dense, 1e-12)
+
+    @property
+    def met(self) -> bool:
+        return self.error <= self.target.tolerance + 1e-12
+
+    def as_dict(self) -> dict:
+        return {"target": self.target.text, "kind": self.target.kind, "dense": self.dense, "goal": self.goal,
+                "achieved": self.achieved, "achieved_ratio": self.achieved / max(self.dense, 1e-12),
+                "error": self.error, "tolerance": self.target.tolerance, "met": self.met,
+                "reachable": self.reachable, "plans_tried": self.plans_tried, "models_timed": self.timed,
+                "predicted": self.predicted}
+
+    def summary(self) -> str:
+        k = self.target.kind
+        line = (f"target {self.target.text}: goal {fmt(k, self.goal)} ({self.goal / max(self.dense, 1e-12):.3f} of "
+                f"the dense {fmt(k, self.dense)}), achieved {fmt(k, self.achieved)} "
+                f"({self.achieved / max(self.dense, 1e-12):.3f}); ")
+        if self.met:
+            return line + f"within {100 * self.target.tolerance:g}% of the dense figure"
+        return line + (f"off by {100 * self.error:.1f}% of the dense figure (tolerance "
+                       f"{100 * self.target.tolerance:g}%)")
+
+
+# ---- schedules ------------------------------------------------------------------------------
+def _units(size: int, round_to: int) -> int:
+    return round_to if round_to > 1 and size > round_to else 1
+
+
+def uniform_schedule(groups) -> list[tuple[str, int]]:
+    """(group key, channels) removals ordered by the share of its group each one reaches."""
+    events = []
+    for order, (g, unit) in enumerate(groups):
+        k = 1
+        while g.size - k * unit >= max(unit, 1):
+            events.append((k * unit / g.size, order, g.key, unit))
+            k += 1
+    events.sort()
+    return [(key, unit) for _, _, key, unit in events]
+
+
+def global_schedule(groups, scores, max_group_ratio: float = 0.9) -> list[tuple[str, int]]:
+    """One-channel removals in the order of ``--global``'s ranking of normalized scores."""
+    if not groups:
+        return []
+    all_scores = np.concatenate([scores[g.key] for g, _ in groups])
+    owner = np.concatenate([np.full(g.size, i) for i, (g, _) in enumerate(groups)])
+    left = {g.key: g.size - max(1, math.ceil(g.size * (1 - max_group_ratio))) for g, _ in groups}
+    out = []
+    for idx in np.argsort(all_scores, kind="stable"):
+        g = groups[owner[idx]][0]
+        if left[g.key] > 0:
+            left[g.key] -= 1
+            out.append((g.key, 1))
+    return out
+
+
+class _Search:
+    """Plans from removal counts, their figures cached."""
+
+    def __init__(self, make_plan, value, sizes: dict, units: dict | None = None):
+        self.make_plan, self.value, self.sizes = make_plan, value, sizes
+        self.units = units or {k: 1 for k in sizes}
+        self.cache: dict = {}
+
+    def at(self, counts: dict):
+        key = tuple(sorted((k, v) for k, v in counts.items() if v))
+        if key not in self.cache:
+            ratios = {k: (counts.get(k, 0) + 0.5) / n if counts.get(k, 0) else 0.0 for k, n in self.sizes.items()}
+            total = sum(self.sizes.values())
+            share = sum(counts.values()) / total if total else 0.0
+            plan = self.make_plan(min(share, 0.99), ratios)
+            self.cache[key] = (plan, self.value(plan))
+        return self.cache[key]
+
+
+def _counts(base: dict, events, n: int) -> dict:
+    out = dict(base)
+    for key, unit in events[:n]:
+        out[key] = out.get(key, 0) + unit
+    return out
+
+
+def fit_schedule(search: _Search, events, goal: float, tol: float, rounds: int = 8, polish: int = 64):
+    """The plan of the schedule prefix closest to ``goal``: bisection for the first prefix at or
+    under it; a group whose step there is coarser than ``tol`` is held before that step and
+    the rest of the schedule bisected again. Still outside ``tol``: one step more or less of
+    single groups (at most ``polish`` plans). Returns (plan, figure)."""
+    base: dict = {}
+    best = None  # (counts, plan, figure)
+    for _ in range(rounds):
+        lo, hi = 0, len(events)  # f(lo) > goal (or lo == 0), f(hi) <= goal (or the end)
+        if search.at(_counts(base, events, hi))[1] > goal:
+            lo = hi
+        else:
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if search.at(_counts(base, events, mid))[1] <= goal:
+                    hi = mid
+                else:
+                    lo = mid
+            if search.at(_counts(base, events, lo))[1] <= goal:
+                hi = lo
+        for n in (lo, hi):
+            counts = _counts(base, events, n)
+            plan, f = search.at(counts)
+            if best is None or abs(f - goal) < abs(best[2] - goal) - 1e-12:
+                best = (counts, plan, f)
+        if abs(best[2] - goal) <= tol or hi == lo or hi == 0:
+            break
+        coarse = events[hi - 1][0]  # the step that crossed the goal: hold its group before it
+        base = _counts(base, events, hi - 1)
+        events = [e for e in events[hi - 1:] if e[0] != coarse]
+        if not events:
+            break
+    return _polish(search, best, goal, tol, polish)
+
+
+def _polish(search: _Search, best, goal: float, tol: float, budget: int):
+    """One group's step more or less while that brings the figure closer to ``goal``."""
+    units = {key: unit for key, unit in search.units.items()}
+    while abs(best[2] - goal) > tol and budget > 0:
+        counts, improved = best[0], None
+        for key, unit in units.items():
+            for step in (unit, -unit):
+                c = counts.get(key, 0) + step
+                if c < 0 or search.sizes[key] - c < max(unit, 1) or budget <= 0:
+                    continue
+                budget -= 1
+                trial = {**counts, key: c}
+                plan, f = search.at(trial)
+                if abs(f - goal) < abs((improved or best)[2] - goal) - 1e-12:
+                    improved = (trial, plan, f)
+        if improved is None:
+            break
+        best = improved
+    return best[1], best[2]
+
+
+def fit_ratio(make, value, goal: float, tol: float, top: float = 0.95, steps: int = 16):
+    """Bisection over an overall ratio (layer-wise allocations). Returns (plan, figure)."""
+    lo, hi = 0.0, top
+    best = None
+    plan_hi = make(hi)
+    f_hi = value(plan_hi)
+    best = (plan_hi, f_hi)
+    if f_hi > goal:
+        return best
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        plan = make(mid)
+        f = value(plan)
+        if abs(f - goal) < abs(best[1] - goal):
+            best = (plan, f)
+        if abs(f - goal) <= tol / 4:
+            break
+        if f <= goal:
+            hi = mid
+        else:
+            lo = mid
+    return best
+
+
+def unreachable(target: Target, dense: float, goal: float, reachable: float, tol: float) -> ArgumentError:
+    k = target.kind
+    return ArgumentError(
+        f"target {target.text} cannot be reached: it asks for {fmt(k, goal)} ({goal / max(dense, 1e-12):.3f} of the "
+        f"dense {fmt(k, dense)}), and pruning every prunable group as far as it goes reaches "
+        f"{fmt(k, reachable)} ({reachable / max(dense, 1e-12):.3f}); the rest of the model is blocked, "
+        f"protected or not selected (`spa inspect MODEL` lists why). Ask for at least "
+        f"{reachable / max(dense, 1e-12):.3f} ({fmt(k, reachable)}); nothing was written")
+
+
+# ---- the search over a prune job --------------------------------------------------------------
+def candidates(job) -> list:
+    """The groups ``allocate`` may prune with a ratio of their own (the filters it applies)."""
+    from spa.allocation import is_protected
+
+    out = []
+    for g in job.dg.groups:
+        if job.protect and is_protected(g, job.protect):
+            continue
+        if job.kinds is not None and g.kind not in job.kinds:
+            continue
+        if job.scores[g.key] is None or (g.heads is not None and g.heads.slots > 1 and job.gqa != "kv"):
+            continue
+        out.append((g, _units(g.size, job.round_to)))
+    return out
+
+
+class _Family:
+    """The plans a search walks over: schedule prefixes (uniform, global) or overall ratios
+    (layer-wise allocations), indexed by a share ``p`` in [0, 1] of the way to the most pruned."""
+
+    TOP = 0.95  # the largest overall ratio a layer-wise allocation is given
+
+    def __init__(self, job, layer_ratios):
+        from spa.allocation import allocate
+
+        self.job = job
+        groups = candidates(job)
+        self.sizes = {g.key: g.size for g, _ in groups}
+        self.units = {g.key: unit for g, unit in groups}
+
+        def make_plan(share, ratios):
+            return allocate(job.dg, job.scores, share, False, job.round_to, job.protect, kinds=job.kinds,
+                            gqa=job.gqa, ratios=ratios)
+
+        self.make_plan = make_plan
+        self.layer_ratios = layer_ratios
+        if layer_ratios is None:
+            self.events = (global_schedule(groups, job.scores) if job.global_pruning else uniform_schedule(groups))
+
+    def ratio_plan(self, ratio: float):
+        return self.make_plan(ratio, self.layer_ratios(ratio))
+
+    def at(self, p: float):
+        if self.layer_ratios is not None:
+            return self.ratio_plan(p * self.TOP)
+        n = int(round(p * len(self.events)))
+        return _Search(self.make_plan, lambda plan: None, self.sizes).at(_counts({}, self.events, n))[0]
+
+    def fit(self, value, goal: float, tol: float):
+        if self.layer_ratios is not None:
+            return fit_ratio(self.ratio_plan, value, goal, tol, self.TOP)
+        return fit_schedule(_Search(self.make_plan, value, self.sizes, self.units), self.events, goal, tol)
+
+
+def _plan_key(plan) -> tuple:
+    return tuple((g.key, g.keep, g.slots) for g in plan.groups)
+
+
+def search(job, layer_ratios=None):
+    """The plan meeting ``job.target`` (see the module docstring) and its :class:`Outcome`.
+    ``layer_ratios(ratio)``: the per-group ratios of a layer-wise allocation (None: uniform or
+    global). Raises ArgumentError when the target is beyond what the prunable groups reach."""
+    from spa.api import pruned_copy
+
+    target = job.target
+    kind = target.kind
+    dense_model = job.deep if job.deep is not None else job.model
+    family = _Family(job, layer_ratios)
+    if kind == "latency":
+        return _latency_search(job, family, dense_model)
+    dense = count(kind, dense_model, job.input_shapes)
+    goal, tol = target.goal(dense), target.tolerance * dense
+    tried = [0]
+
+    def value(plan):
+        tried[0] += 1
+        return count(kind, pruned_copy(job.model, plan), job.input_shapes)
+
+    return _fit(job, family, value, dense, goal, tol, tried)
+
+
+def _fit(job, family, value, dense, goal, tol, tried, outcome_extra=None):
+    target = job.target
+    start = family.at(0.0)
+    f0 = value(start)
+    if f0 <= goal + tol:
+        out = Outcome(target, dense, goal, f0, tried[0])
+        if f0 < goal - tol:
+            out.notes.append(f"target {target.text}: depth pruning alone reaches {fmt(target.kind, f0)} "
+                             f"({f0 / max(dense, 1e-12):.3f} of the dense model), below the target; no channel was "
+                             "pruned")
+        elif not job.depth and f0 >= goal:
+            out.notes.append(f"target {target.text}: the dense model already meets it; no channel was pruned")
+        return start, out
+    most = family.at(1.0)
+    reachable = value(most)
+    if reachable > goal + tol:
+        raise unreachable(target, dense, goal, reachable, tol)
+    plan, f = family.fit(value, goal, tol)
+    out = Outcome(target, dense, goal, f, tried[0], reachable=reachable)
+    if not out.met:
+        out.notes.append(_granularity_note(target, f, dense, job.round_to))
+    return plan, out
+
+
+def _granularity_note(target: Target, f: float, dense: float, round_to: int) -> str:
+    return (f"target {target.text} not met within {100 * target.tolerance:g}%: the nearest plan reaches "
+            f"{fmt(target.kind, f)} ({f / max(dense, 1e-12):.3f} of the dense model); the steps between plans are "
+            "coarser here (whole heads, round_to=" + str(round_to) + ", few prunable groups)")
+
+
+def _latency_search(job, family, dense_model):
+    from spa.api import pruned_copy
+    from spa.metrics import count_macs
+
+    target = job.target
+    timer = Timer(dense_model, job.threads, job.input_shapes)
+    dense = timer(dense_model)
+    goal, tol = target.goal(dense), target.tolerance * dense
+    macs: dict = {}
+    models: dict = {}
+
+    def model_of(plan):
+        key = _plan_key(plan)
+        if key not in models:
+            models.clear()  # one pruned copy at a time
+            models[key] = pruned_copy(job.model, plan)
+        return models[key]
+
+    def macs_of(plan) -> float:
+        key = _plan_key(plan)
+        if key not in macs:
+            macs[key] = float(count_macs(model_of(plan), job.input_shapes))
+        return macs[key]
+
+    lat = LatencyModel()
+    lat.add(count_macs(dense_model, job.input_shapes), dense)
+    timed = {}
+    for p in (0.0, *LATENCY_POINTS):
+        plan = family.at(p)
+        key = _plan_key(plan)
+        if key not in timed:
+            timed[key] = (plan, timer(model_of(plan)))
+            lat.add(macs_of(plan), timed[key][1])
+    reachable = min(ms for _, ms in timed.values())
+    if reachable > goal + tol:
+        raise unreachable(target, dense, goal, reachable, tol)
+    tried = [0]
+    best = None
+    predicted = None
+    for _ in range(LATENCY_ROUNDS):
+        def value(plan):
+            tried[0] += 1
+            return lat(macs_of(plan))
+
+        plan, pred = family.fit(value, goal, tol)
+        key = _plan_key(plan)
+        if key not in timed:
+            timed[key] = (plan, timer(model_of(plan)))
+            lat.add(macs_of(plan), timed[key][1])
+        ms = timed[key][1]
+        if best is None or abs(ms - goal) < abs(best[1] - goal):
+            best, predicted = (plan, ms), pred
+        if abs(ms - goal) <= tol:
+            break
+    plan, ms = best
+    out = Outcome(target, dense, goal, ms, tried[0], timer.calls, predicted, reachable)
+    if not out.met:
+        out.notes.append(f"target {target.text} not met within {100 * target.tolerance:g}%: the closest plan timed "
+                         f"{ms:.3f} ms ({ms / dense:.3f} of the dense {dense:.3f} ms); reachable on "
+                         f"{_device_name()}: {reachable:.3f} ms ({reachable / dense:.3f}) to {dense:.3f} ms")
+    return plan, out
+
+
+def _device_name() -> str:
+    from spa import runtime
+
+    return runtime.current_device().name
+
+
+__all__ = ["KINDS", "LatencyModel", "Outcome", "TOLERANCE", "LATENCY_TOLERANCE", "Target", "Timer", "count",
+           "fit_ratio", "fit_schedule", "global_schedule", "parse", "search", "uniform_schedule", "weight_bytes"]

@@ -49,7 +49,7 @@ from spa.errors import ArgumentError
 KINDS = ("params", "macs", "bytes", "latency")
 TOLERANCE = 0.01
 LATENCY_TOLERANCE = 0.05
-LATENCY_ROUNDS = 3
+LATENCY_ROUNDS = 4
 #: Schedule points (shares of the whole schedule) the latency model times, besides the dense model.
 LATENCY_POINTS = (0.25, 0.5, 0.75, 1.0)
 
@@ -532,6 +532,9 @@ def _latency_search(job, family, dense_model):
             best, predicted = (plan, ms), pred
         if abs(ms - goal) <= tol:
             break
+    closest = min(timed.values(), key=lambda t: abs(t[1] - goal))  # a timed point of the model may be closer
+    if abs(closest[1] - goal) < abs(best[1] - goal):
+        best, predicted = closest, lat(macs_of(closest[0]))
     plan, ms = best
     out = Outcome(target, dense, goal, ms, tried[0], timer.calls, predicted, reachable)
     if not out.met:

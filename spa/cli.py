@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--normalization", default="mean", choices=NORMALIZATIONS, help="per-group score normalization")
     pr.add_argument("--global", dest="global_pruning", action="store_true",
                     help="rank channels across all groups instead of the same ratio per group")
-    pr.add_argument("--round-to", type=int, default=1, metavar="N", help="kept channel counts are multiples of N")
+    pr.add_argument("--round-to", type=int, default=None, metavar="N",
+                    help="kept channel counts are multiples of N (default 1; 16 for latency targets)")
     pr.add_argument("--protect", nargs="+", default=[], metavar="NAME",
                     help="node or parameter names (globs) whose groups are never pruned")
     pr.add_argument("--kinds", metavar="K1,K2", type=lambda v: [k.strip() for k in v.split(",") if k.strip()],

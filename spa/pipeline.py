@@ -619,7 +619,7 @@ def prune(
     reduction: str = "mean",
     normalization: str = "mean",
     global_pruning: bool = False,
-    round_to: int = 1,
+    round_to: int | None = None,
     protect: Iterable[str] = (),
     kinds: Iterable[str] | None = None,
     gqa: str = "kv",
@@ -699,7 +699,9 @@ def prune(
     dense model, or absolute figures). The plan meeting it is searched for (within 1% of the
     dense figure for params / MACs / bytes, 5% for latency; ``result.target`` says what was
     reached); with ``depth``, the removed units count toward it. Latency is measured with
-    onnxruntime on ``device`` with ``threads`` intra-op threads and ``input_shapes``. A target
+    onnxruntime on ``device`` with ``threads`` intra-op threads and ``input_shapes``; its
+    ``round_to`` defaults to 16 (kernels block channels; other ``round_to`` values give other
+    counts, default 1 elsewhere). A target
     beyond what the prunable groups can reach raises ArgumentError saying what can be reached.
 
     ``folder``: when ``model`` is a path whose folder holds a ``genai_config.json`` (the
@@ -717,6 +719,7 @@ def prune(
     from spa.frontends.torch import is_module
 
     check_choice("allocation", allocation, ALLOCATIONS)
+    target_note = None
     check_choice("reduction", reduction, REDUCTIONS)
     check_choice("normalization", normalization, NORMALIZATIONS)
     spec = get(criterion)
@@ -739,8 +742,14 @@ def prune(
                                 "for a target; use uniform, global, alpha, owl or obs with a target")
         target = targets.parse(target)
         ratio = 0.0
+        if round_to is None and target.kind == "latency":
+            round_to = targets.LATENCY_ROUND_TO
+            target_note = (f"latency target: kept channel counts are multiples of {round_to} (round_to={round_to}, "
+                           "the default for latency targets: onnxruntime's fast CPU kernels block channels by 8 or "
+                           "16, so other counts can run slower with fewer MACs); pass round_to to choose")
     elif ratio is None:
         ratio = 0.0 if depth else 0.5
+    round_to = 1 if round_to is None else round_to
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ArgumentError(f"threads={threads!r} must be a positive integer")
     check_output_path(model, output)
@@ -755,6 +764,8 @@ def prune(
               allocation, example_inputs=example_inputs, module=module, spec=spec, target_opset=target_opset,
               allow_noop=allow_noop, depth=depth or 0.0, depth_unit=depth_unit, depth_score=depth_score,
               folder=folder, target=target, threads=threads)
+    if target_note:
+        job.notes.append(target_note)
     from spa import depth as dp
 
     check_choice("depth_unit", depth_unit, dp.UNITS)

@@ -27,7 +27,10 @@ giving latency as a monotone piecewise-linear function of the MACs of the pruned
 bisection then runs on predicted latency (MACs are counted, not timed). The chosen plan's model
 is timed; when it misses the tolerance, that point joins the model and the search repeats (at
 most ``LATENCY_ROUNDS`` times). Latency targets depend on timing: the same command can choose a
-slightly different plan on a busy machine.
+slightly different plan on a busy machine. On the CPU, time is not a smooth function of MACs:
+onnxruntime's blocked (NCHWc) convolution kernels want channel counts in multiples of 8 or 16,
+so latency targets round kept counts to ``LATENCY_ROUND_TO`` unless ``round_to`` is given, and
+the search keeps the closest model it timed.
 
 Tolerances are shares of the *dense* figure: ``TOLERANCE`` (1%) for params / MACs / bytes,
 ``LATENCY_TOLERANCE`` (5%) for latency.
@@ -50,6 +53,8 @@ KINDS = ("params", "macs", "bytes", "latency")
 TOLERANCE = 0.01
 LATENCY_TOLERANCE = 0.05
 LATENCY_ROUNDS = 4
+#: ``round_to`` of latency targets when none is given (onnxruntime's CPU kernels block channels by 16).
+LATENCY_ROUND_TO = 16
 #: Schedule points (shares of the whole schedule) the latency model times, besides the dense model.
 LATENCY_POINTS = (0.25, 0.5, 0.75, 1.0)
 
@@ -189,6 +194,8 @@ class Outcome:
     predicted: float | None = None  # the latency model's figure for the chosen plan
     reachable: float | None = None  # the lowest figure the prunable part allows
     notes: list = field(default_factory=list)
+    rounds: list = field(default_factory=list)  # latency: (predicted, timed) per search round
+    curve: list = field(default_factory=list)  # latency: the (MACs, ms) points of the latency model
 
     @property
     def error(self) -> float:
@@ -204,7 +211,7 @@ class Outcome:
                 "achieved": self.achieved, "achieved_ratio": self.achieved / max(self.dense, 1e-12),
                 "error": self.error, "tolerance": self.target.tolerance, "met": self.met,
                 "reachable": self.reachable, "plans_tried": self.plans_tried, "models_timed": self.timed,
-                "predicted": self.predicted}
+                "predicted": self.predicted, "rounds": self.rounds}
 
     def summary(self) -> str:
         k = self.target.kind
@@ -517,6 +524,7 @@ def _latency_search(job, family, dense_model):
     tried = [0]
     best = None
     predicted = None
+    rounds: list = []  # (predicted, timed) of each plan the latency model chose, before it was timed
     for _ in range(LATENCY_ROUNDS):
         def value(plan):
             tried[0] += 1
@@ -527,6 +535,7 @@ def _latency_search(job, family, dense_model):
         if key not in timed:
             timed[key] = (plan, timer(model_of(plan)))
             lat.add(macs_of(plan), timed[key][1])
+            rounds.append((pred, timed[key][1]))
         ms = timed[key][1]
         if best is None or abs(ms - goal) < abs(best[1] - goal):
             best, predicted = (plan, ms), pred
@@ -537,6 +546,8 @@ def _latency_search(job, family, dense_model):
         best, predicted = closest, lat(macs_of(closest[0]))
     plan, ms = best
     out = Outcome(target, dense, goal, ms, tried[0], timer.calls, predicted, reachable)
+    out.rounds = rounds
+    out.curve = sorted(lat.points)
     if not out.met:
         out.notes.append(f"target {target.text} not met within {100 * target.tolerance:g}%: the closest plan timed "
                          f"{ms:.3f} ms ({ms / dense:.3f} of the dense {dense:.3f} ms); reachable on "

@@ -149,7 +149,7 @@ def test_a_latency_target_is_met_or_reported_with_what_is_reachable(cnn_file, tm
 
 
 def test_a_latency_search_times_few_models(cnn):
-    result = spa.prune(cnn, target="latency=0.7", threads=1, input_shapes={"input": [8, 3, 16, 16]})
+    result = spa.prune(cnn, target="latency=0.7", threads=1, input_shapes={"input": [8, 3, 16, 16]}, round_to=1)
     t = result.target
     assert t.target.kind == "latency" and t.achieved > 0 and t.dense > 0
     assert t.timed <= 2 + len(targets.LATENCY_POINTS) + targets.LATENCY_ROUNDS  # not one model per plan tried
@@ -161,3 +161,9 @@ def test_a_latency_search_times_few_models(cnn):
 def test_an_unreachable_latency_target_is_refused(cnn):
     with pytest.raises(ArgumentError, match="cannot be reached.*ms"):
         spa.prune(cnn, target="latency=0.01ms", threads=1)
+
+
+def test_latency_targets_round_channel_counts_to_16_unless_told(cnn):
+    result = spa.prune(cnn, target="latency=0.7", threads=1)
+    assert any("multiples of 16" in n for n in result.notes)
+    assert all(len(gp.keep) % 16 == 0 for gp in result.plan.groups if gp.size > 16)

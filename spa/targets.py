@@ -25,7 +25,7 @@ Latency (onnxruntime, on the current device, with the user's threads and input s
 latency model: the dense model and the model pruned at a few points of the schedule are timed,
 giving latency as a monotone piecewise-linear function of the MACs of the pruned model; the
 bisection then runs on predicted latency (MACs are counted, not timed). The chosen plan's model
-is timed; when it misses the tolerance, that point joins the model and the search repeats (at
+is timed (interleaved with the dense model, see :class:`Timer`); when it misses the tolerance, that point joins the model and the search repeats (at
 most ``LATENCY_ROUNDS`` times). Latency targets depend on timing: the same command can choose a
 slightly different plan on a busy machine. On the CPU, time is not a smooth function of MACs:
 onnxruntime's blocked (NCHWc) convolution kernels want channel counts in multiples of 8 or 16,
@@ -145,22 +145,38 @@ def fmt(kind: str, value: float) -> str:
 
 
 class Timer:
-    """Median onnxruntime latency of models on the current device, with fixed feeds."""
+    """Median onnxruntime latency of models on the current device, with fixed feeds. Each model
+    is timed interleaved with the dense one (run for run) and scaled by how far the dense
+    model's median moved from its first one, so a machine that gets busier or quieter between
+    two models does not move the figures (a ratio target compares like with like)."""
 
-    def __init__(self, model, threads: int | None = None, input_shapes=None, runs: int = 20):
+    def __init__(self, dense, threads: int | None = None, input_shapes=None, runs: int = 20):
         from spa import runtime
 
         self.threads, self.runs = threads, runs
-        sess = runtime.session(model, threads=threads)
-        self.feeds = runtime.random_feeds(sess, input_shapes)
-        self.calls = 0
+        self.dense = runtime.session(dense, threads=threads)
+        self.feeds = runtime.random_feeds(self.dense, input_shapes)
+        self.calls = 1
+        self.reference = runtime.latency_ms(self.dense, self.feeds, warmup=3, runs=runs)
 
     def __call__(self, model) -> float:
+        import time
+
         from spa import runtime
 
         sess = runtime.session(model, threads=self.threads)
         self.calls += 1
-        return runtime.latency_ms(sess, self.feeds, warmup=3, runs=self.runs)
+        runs = (runtime.runner(self.dense, self.feeds), runtime.runner(sess, self.feeds))
+        for _ in range(3):
+            runs[1]()
+        times = ([], [])
+        for _ in range(self.runs):
+            for run, out in zip(runs, times):
+                t0 = time.perf_counter()
+                run()
+                out.append(time.perf_counter() - t0)
+        drift = float(np.median(times[0])) * 1e3 / self.reference
+        return float(np.median(times[1])) * 1e3 / max(drift, 1e-9)
 
 
 class LatencyModel:
@@ -491,7 +507,7 @@ def _latency_search(job, family, dense_model):
 
     target = job.target
     timer = Timer(dense_model, job.threads, job.input_shapes)
-    dense = timer(dense_model)
+    dense = timer.reference
     goal, tol = target.goal(dense), target.tolerance * dense
     macs: dict = {}
     models: dict = {}

@@ -10,7 +10,8 @@ For every model and target the script prints the goal, the achieved figure as a 
 dense model's, and the error (|achieved - goal| / dense figure, the tolerance is 1% for params
 and MACs and 5% for latency), the number of plans the search evaluated and, for latency, the
 number of models it timed and the latency model's first prediction (for the plan it chose
-before that plan was timed) against the timed figure. Latency is the median of onnxruntime runs on the CPU with ``--threads``.
+before that plan was timed) against the timed figure, with the two features the latency model can use: ``layers`` (a per-layer table,
+each weight layer timed alone at eight widths) and ``macs`` (the pruned model's MACs). Latency is the median of onnxruntime runs on the CPU with ``--threads``.
 
     python examples/bench_targets.py [--models bert,cnn] [--threads 2] [--targets params=0.5,...]
 """
@@ -22,6 +23,7 @@ import time
 import warnings
 
 import spa
+from spa import targets
 from spa.report import table
 
 DEFAULT_TARGETS = "params=0.5,params=0.3,macs=0.5,macs=0.3,latency=0.7,latency=0.5"
@@ -65,11 +67,17 @@ def main() -> None:
     ap.add_argument("--models", default="bert,cnn")
     ap.add_argument("--targets", default=DEFAULT_TARGETS)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--latency-model", default="layers,macs",
+                    help="features of the latency model to compare: layers (per-layer table), macs")
     args = ap.parse_args()
     rows = []
     for name in args.models.split(","):
         proto, shapes = build(name)
-        for spec in args.targets.split(","):
+        runs = [(spec, lm) for spec in args.targets.split(",")
+                for lm in (args.latency_model.split(",") if spec.startswith("latency") else ["-"])]
+        for spec, lm in runs:
+            if lm != "-":
+                targets.LATENCY_MODEL = lm
             t0 = time.perf_counter()
             result = spa.prune(proto, target=spec, threads=args.threads, input_shapes=shapes, verify=False)
             took = time.perf_counter() - t0
@@ -78,13 +86,13 @@ def main() -> None:
             if out.rounds:  # the latency model's first prediction, before that model was timed
                 p, ms = out.rounds[0]
                 pred = f"{p:.2f} vs {ms:.2f} ms ({100 * (p / ms - 1):+.0f}%)"
-            rows.append([name, spec, f"{out.achieved / out.dense:.3f}", f"{100 * out.error:.2f}%",
+            rows.append([name, spec, lm, f"{out.achieved / out.dense:.3f}", f"{100 * out.error:.2f}%",
                          "yes" if out.met else "no", str(out.plans_tried), str(out.timed or "-"), pred,
                          f"{took:.1f}"])
             print(" | ".join(rows[-1]), flush=True)
     print()
-    print(table(["model", "target", "achieved/dense", "error", "met", "plans", "timed", "latency model", "s"],
-                rows, "llrrlrrll"))
+    print(table(["model", "target", "latency model", "achieved/dense", "error", "met", "plans", "timed", "first prediction", "s"],
+                rows, "lllrrlrrll"))
 
 
 if __name__ == "__main__":

@@ -148,20 +148,26 @@ def _run_shapes(model: ir.Model, names: list[str], input_shapes: dict | None) ->
     return {n: tuple(o.shape) for n, o in zip(names, outs)}
 
 
-def count_macs(model: ir.Model, input_shapes: dict | None = None) -> int:
-    """Multiply-accumulates of one forward pass with concrete input shapes."""
+def value_shapes(model: ir.Model, names, input_shapes: dict | None = None) -> dict[str, tuple[int, ...]]:
+    """Concrete shapes of the graph's values with ``input_shapes``: ONNX inference, then for
+    ``names`` it left unknown the symbolic shapes loading inferred, then one onnxruntime run."""
     shapes = _static_shapes(model, input_shapes)
-    opsets = model_opsets(model)
-    counted = [(node, spec.macs) for node in model.graph
-               if (spec := spec_of(node, opsets)) is not None and spec.macs is not None]
-    missing = [v.name for node, _ in counted for v in (node.inputs[0], node.outputs[0])
-               if v is not None and v.name not in shapes]
+    missing = list(dict.fromkeys(n for n in names if n not in shapes))
     if missing:
-        missing = list(dict.fromkeys(missing))
         shapes.update(_symbolic_shapes(model, missing, input_shapes))
         missing = [n for n in missing if n not in shapes]
     if missing:  # still unknown: one onnxruntime run
         shapes.update(_run_shapes(model, missing, input_shapes))
+    return shapes
+
+
+def count_macs(model: ir.Model, input_shapes: dict | None = None) -> int:
+    """Multiply-accumulates of one forward pass with concrete input shapes."""
+    opsets = model_opsets(model)
+    counted = [(node, spec.macs) for node in model.graph
+               if (spec := spec_of(node, opsets)) is not None and spec.macs is not None]
+    shapes = value_shapes(model, [v.name for node, _ in counted for v in (node.inputs[0], node.outputs[0])
+                                  if v is not None], input_shapes)
     total = 0
     for node, macs in counted:
         ins = [shapes.get(v.name) if v is not None else None for v in node.inputs]
@@ -170,4 +176,4 @@ def count_macs(model: ir.Model, input_shapes: dict | None = None) -> int:
     return int(total)
 
 
-__all__ = ["count_macs", "count_params"]
+__all__ = ["count_macs", "count_params", "value_shapes"]

@@ -55,6 +55,8 @@ LATENCY_TOLERANCE = 0.05
 LATENCY_ROUNDS = 4
 #: ``round_to`` of latency targets when none is given (onnxruntime's CPU kernels block channels by 16).
 LATENCY_ROUND_TO = 16
+#: The latency model's feature: ``layers`` (the per-layer table, :class:`LayerTable`) or ``macs``.
+LATENCY_MODEL = "layers"
 #: Schedule points (shares of the whole schedule) the latency model times, besides the dense model.
 LATENCY_POINTS = (0.25, 0.5, 0.75, 1.0)
 
@@ -197,6 +199,119 @@ class LatencyModel:
         return float(np.interp(macs, x, y))
 
 
+class LayerTable:
+    """A per-layer latency table (HALP-style): every weight layer of the model (Conv, Gemm,
+    MatMul reading an initializer) is timed alone, as a one-node model with its own input shape,
+    at ``FRACTIONS`` of its widths; layers of one configuration share their timings. A pruned
+    model's figure is the sum, over its layers, of the time interpolated at the layer's width
+    (the geometric mean of its input and output shares). The figure is a feature: the latency
+    model maps it to whole-model time through the models it timed (fusions, other ops, the
+    runtime's overhead)."""
+
+    FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+
+    def __init__(self, model, threads: int | None = None, input_shapes=None, runs: int = 10):
+        from spa.metrics import value_shapes
+
+        self.threads, self.runs = threads, runs
+        nodes = [n for n in model.graph if self._weight(n) is not None]
+        shapes = value_shapes(model, [n.inputs[0].name for n in nodes], input_shapes)
+        self.layers: dict[str, tuple] = {}  # node name -> (dense cin, cout, times at FRACTIONS, depthwise)
+        timed: dict = {}
+        for n in nodes:
+            spec = self._spec(n, shapes.get(n.inputs[0].name))
+            if spec is None:
+                continue
+            if spec not in timed:
+                timed[spec] = self._time(spec)
+            self.layers[n.name] = (spec[2], spec[3], timed[spec], dict(spec[4]).get("group", 1) > 1)
+        self.timed = len(timed)
+
+    @staticmethod
+    def _weight(node):
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+            return None
+        w = node.inputs[1]
+        return w if w is not None and w.const_value is not None and w.const_value.dtype.is_floating_point() else None
+
+    def _spec(self, node, x_shape):
+        """(op, x shape without its channel, cin, cout, attributes) or None (not modelled)."""
+        w = tuple(self._weight(node).const_value.shape.numpy())
+        if x_shape is None:
+            return None
+        attrs = tuple(sorted((k, tuple(a.value) if isinstance(a.value, (list, tuple)) else a.value)
+                             for k, a in node.attributes.items() if isinstance(a.value, (int, float, list, tuple))))
+        if node.op_type == "Conv":
+            group = node.attributes.get_int("group", 1)
+            if len(w) < 3 or len(x_shape) != len(w) or group not in (1, w[0]) or (group > 1 and w[1] != 1):
+                return None
+            return ("Conv", (x_shape[0],) + tuple(x_shape[2:]), w[1] * group, w[0], attrs + (("_k", w[2:]),))
+        if node.op_type == "Gemm":
+            if len(w) != 2 or len(x_shape) != 2 or node.attributes.get_int("transA", 0):
+                return None
+            cin, cout = (w[1], w[0]) if node.attributes.get_int("transB", 0) else w
+            return ("Gemm", (x_shape[0],), cin, cout, attrs)
+        if len(w) != 2 or len(x_shape) < 2 or x_shape[-1] != w[0]:
+            return None
+        return ("MatMul", tuple(x_shape[:-1]), w[0], w[1], ())
+
+    def _model(self, spec, f: float) -> bytes:
+        from onnx import TensorProto, helper, numpy_helper
+
+        op, lead, cin, cout, attrs = spec
+        ci, co = max(1, round(cin * f)), max(1, round(cout * f))
+        rng = np.random.default_rng(0)
+        kw = {k: v for k, v in attrs if not k.startswith("_")}
+        if op == "Conv":
+            depthwise = kw.get("group", 1) > 1
+            if depthwise:
+                co = ci
+                kw["group"] = ci
+            k = dict(attrs)["_k"]
+            w = rng.standard_normal((co, 1 if depthwise else ci, *k)).astype(np.float32)
+            x = [lead[0], ci, *lead[1:]]
+        elif op == "Gemm":
+            w = rng.standard_normal((co, ci) if kw.get("transB", 0) else (ci, co)).astype(np.float32)
+            x = [lead[0], ci]
+        else:
+            w = rng.standard_normal((ci, co)).astype(np.float32)
+            x = [*lead, ci]
+        node = helper.make_node(op, ["x", "w"], ["y"], **kw)
+        g = helper.make_graph([node], "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, "w")])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+    def _time(self, spec) -> np.ndarray:
+        from spa import runtime
+
+        out = []
+        for f in self.FRACTIONS:
+            sess = runtime.session(self._model(spec, f), threads=self.threads)
+            out.append(runtime.latency_ms(sess, runtime.random_feeds(sess), warmup=2, runs=self.runs))
+        return np.maximum.accumulate(np.asarray(out))  # a wider layer never predicts less time
+
+    def __call__(self, model) -> float:
+        """The summed layer times of ``model`` (a pruned copy of the model the table was built on)."""
+        total = 0.0
+        for n in model.graph:
+            entry = self.layers.get(n.name)
+            w = self._weight(n) if entry is not None else None
+            if w is None:
+                continue
+            cin0, cout0, times, depthwise = entry
+            shape = tuple(w.const_value.shape.numpy())
+            if n.op_type == "Conv":
+                cin, cout = (shape[0] if depthwise else shape[1]), shape[0]
+            elif n.op_type == "Gemm" and n.attributes.get_int("transB", 0):
+                cin, cout = shape[1], shape[0]
+            else:
+                cin, cout = shape[0], shape[1]
+            f = math.sqrt(cin * cout / (cin0 * cout0))
+            total += float(np.interp(f, (0.0,) + self.FRACTIONS, np.concatenate([[0.0], times])))
+        return total
+
+
 @dataclass
 class Outcome:
     """What a target search reached."""
@@ -211,7 +326,8 @@ class Outcome:
     reachable: float | None = None  # the lowest figure the prunable part allows
     notes: list = field(default_factory=list)
     rounds: list = field(default_factory=list)  # latency: (predicted, timed) per search round
-    curve: list = field(default_factory=list)  # latency: the (MACs, ms) points of the latency model
+    curve: list = field(default_factory=list)  # latency: the (feature, ms) points of the latency model
+    layers: int = 0  # latency: weight layers in the per-layer table (0: MACs were the feature)
 
     @property
     def error(self) -> float:
@@ -509,7 +625,6 @@ def _latency_search(job, family, dense_model):
     timer = Timer(dense_model, job.threads, job.input_shapes)
     dense = timer.reference
     goal, tol = target.goal(dense), target.tolerance * dense
-    macs: dict = {}
     models: dict = {}
 
     def model_of(plan):
@@ -519,14 +634,23 @@ def _latency_search(job, family, dense_model):
             models[key] = pruned_copy(job.model, plan)
         return models[key]
 
-    def macs_of(plan) -> float:
+    table = LayerTable(job.model, job.threads, job.input_shapes) if LATENCY_MODEL == "layers" else None
+    if table is not None and not table.layers:
+        table = None  # no weight layer to time: MACs stand in
+
+    def feature(model) -> float:
+        return table(model) if table is not None else float(count_macs(model, job.input_shapes))
+
+    features: dict = {}
+
+    def macs_of(plan) -> float:  # the latency model's feature of a plan
         key = _plan_key(plan)
-        if key not in macs:
-            macs[key] = float(count_macs(model_of(plan), job.input_shapes))
-        return macs[key]
+        if key not in features:
+            features[key] = feature(model_of(plan))
+        return features[key]
 
     lat = LatencyModel()
-    lat.add(count_macs(dense_model, job.input_shapes), dense)
+    lat.add(feature(dense_model), dense)
     timed = {}
     for p in (0.0, *LATENCY_POINTS):
         plan = family.at(p)
@@ -564,6 +688,7 @@ def _latency_search(job, family, dense_model):
     out = Outcome(target, dense, goal, ms, tried[0], timer.calls, predicted, reachable)
     out.rounds = rounds
     out.curve = sorted(lat.points)
+    out.layers = 0 if table is None else len(table.layers)
     if not out.met:
         out.notes.append(f"target {target.text} not met within {100 * target.tolerance:g}%: the closest plan timed "
                          f"{ms:.3f} ms ({ms / dense:.3f} of the dense {dense:.3f} ms); reachable on "

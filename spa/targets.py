@@ -23,8 +23,13 @@ Each candidate plan is applied to a copy of the model and its figure counted
 
 Latency (onnxruntime, on the current device, with the user's threads and input shapes) uses a
 latency model: the dense model and the model pruned at a few points of the schedule are timed,
-giving latency as a monotone piecewise-linear function of the MACs of the pruned model; the
-bisection then runs on predicted latency (MACs are counted, not timed). The chosen plan's model
+giving latency as a monotone piecewise-linear function of a feature of the pruned model; the
+bisection then runs on predicted latency (the feature is counted, not timed). The feature is
+the model's MACs (``LATENCY_MODEL = "macs"``, the default) or the sum of a per-layer latency
+table (``"layers"``, HALP-style: every weight layer timed alone at eight widths,
+:class:`LayerTable`). ``examples/bench_targets.py`` compares the two: on a shared 2-core CPU
+neither predicted the first plan better (errors of 1% to 90% either way, timing noise
+dominating), and the table costs a few dozen more timings, so MACs are the default. The chosen plan's model
 is timed (interleaved with the dense model, see :class:`Timer`); when it misses the tolerance, that point joins the model and the search repeats (at
 most ``LATENCY_ROUNDS`` times). Latency targets depend on timing: the same command can choose a
 slightly different plan on a busy machine. On the CPU, time is not a smooth function of MACs:
@@ -56,7 +61,7 @@ LATENCY_ROUNDS = 4
 #: ``round_to`` of latency targets when none is given (onnxruntime's CPU kernels block channels by 16).
 LATENCY_ROUND_TO = 16
 #: The latency model's feature: ``layers`` (the per-layer table, :class:`LayerTable`) or ``macs``.
-LATENCY_MODEL = "layers"
+LATENCY_MODEL = "macs"
 #: Schedule points (shares of the whole schedule) the latency model times, besides the dense model.
 LATENCY_POINTS = (0.25, 0.5, 0.75, 1.0)
 

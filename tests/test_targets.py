@@ -167,3 +167,14 @@ def test_latency_targets_round_channel_counts_to_16_unless_told(cnn):
     result = spa.prune(cnn, target="latency=0.7", threads=1)
     assert any("multiples of 16" in n for n in result.notes)
     assert all(len(gp.keep) % 16 == 0 for gp in result.plan.groups if gp.size > 16)
+
+
+def test_the_layer_table_times_every_weight_layer_and_shrinks_with_the_plan(cnn, bert):
+    for proto, ops in ((cnn, ("Conv", "Gemm")), (bert, ("MatMul", "Gemm"))):
+        model = spa.load(proto)
+        table = targets.LayerTable(model, threads=1, runs=2)
+        weights = [n for n in model.graph if n.op_type in ops and n.inputs[1] is not None
+                   and n.inputs[1].const_value is not None]
+        assert len(table.layers) == len(weights) and table.timed <= len(weights)
+        half = spa.prune(proto, 0.5, verify=False).model
+        assert 0 < table(half) < table(model)

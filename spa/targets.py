@@ -24,18 +24,17 @@ Each candidate plan is applied to a copy of the model and its figure counted
 Latency (onnxruntime, on the current device, with the user's threads and input shapes) uses a
 latency model: the dense model and the model pruned at a few points of the schedule are timed,
 giving latency as a monotone piecewise-linear function of a feature of the pruned model; the
-bisection then runs on predicted latency (the feature is counted, not timed). The feature is
-the model's MACs (``LATENCY_MODEL = "macs"``, the default) or the sum of a per-layer latency
-table (``"layers"``, HALP-style: every weight layer timed alone at eight widths,
-:class:`LayerTable`). ``examples/bench_targets.py`` compares the two: on a shared 2-core CPU
-neither predicted the first plan better (errors of 1% to 90% either way, timing noise
-dominating), and the table costs a few dozen more timings, so MACs are the default. The chosen plan's model
-is timed (interleaved with the dense model, see :class:`Timer`); when it misses the tolerance, that point joins the model and the search repeats (at
-most ``LATENCY_ROUNDS`` times). Latency targets depend on timing: the same command can choose a
-slightly different plan on a busy machine. On the CPU, time is not a smooth function of MACs:
-onnxruntime's blocked (NCHWc) convolution kernels want channel counts in multiples of 8 or 16,
-so latency targets round kept counts to ``LATENCY_ROUND_TO`` unless ``round_to`` is given, and
-the search keeps the closest model it timed.
+bisection then runs on predicted latency (the feature is counted, not timed). The feature is the
+sum of a per-layer latency table (``LATENCY_MODEL = "layers"``, the default; HALP-style: every
+weight layer timed alone at eight widths, :class:`LayerTable`) or the model's MACs (``"macs"``).
+CPU time is not smooth in width (a 3x3 convolution at 32x32 goes from 2.2 ms at 64 channels to
+7.2 ms at 80), which the table sees and MACs do not; ``examples/bench_targets.py`` compares the
+two. The chosen plan's model is timed (interleaved with the dense model, see :class:`Timer`);
+when it misses the tolerance, that point joins the model and the search repeats (at most
+``LATENCY_ROUNDS`` times), and the closest model timed is kept. Latency targets depend on
+timing: the same command can choose a slightly different plan on a busy machine. onnxruntime's
+blocked (NCHWc) CPU kernels want channel counts in multiples of 8 or 16, so latency targets
+round kept counts to ``LATENCY_ROUND_TO`` unless ``round_to`` is given.
 
 Tolerances are shares of the *dense* figure: ``TOLERANCE`` (1%) for params / MACs / bytes,
 ``LATENCY_TOLERANCE`` (5%) for latency.
@@ -61,7 +60,7 @@ LATENCY_ROUNDS = 4
 #: ``round_to`` of latency targets when none is given (onnxruntime's CPU kernels block channels by 16).
 LATENCY_ROUND_TO = 16
 #: The latency model's feature: ``layers`` (the per-layer table, :class:`LayerTable`) or ``macs``.
-LATENCY_MODEL = "macs"
+LATENCY_MODEL = "layers"
 #: Schedule points (shares of the whole schedule) the latency model times, besides the dense model.
 LATENCY_POINTS = (0.25, 0.5, 0.75, 1.0)
 

@@ -178,3 +178,15 @@ def test_the_layer_table_times_every_weight_layer_and_shrinks_with_the_plan(cnn,
         assert len(table.layers) == len(weights) and table.timed <= len(weights)
         half = spa.prune(proto, 0.5, verify=False).model
         assert 0 < table(half) < table(model)
+
+
+def test_a_latency_search_on_macs_or_the_layer_table(cnn, monkeypatch):
+    result = spa.prune(cnn, target="latency=0.7", threads=1, round_to=1)
+    t = result.target
+    assert t.layers == sum(n.op_type in ("Conv", "Gemm") for n in spa.load(cnn).graph)  # the default
+    assert t.met or any("not met within 5%" in n and "reachable" in n for n in result.notes)
+    monkeypatch.setattr(targets, "LATENCY_MODEL", "macs")
+    result = spa.prune(cnn, target="latency=0.7", threads=1, round_to=1)
+    t = result.target
+    assert t.layers == 0
+    assert t.met or any("not met within 5%" in n and "reachable" in n for n in result.notes)

@@ -9,9 +9,11 @@ transformer and a ResNet-style CNN, and how well the latency model predicts the 
 For every model and target the script prints the goal, the achieved figure as a share of the
 dense model's, and the error (|achieved - goal| / dense figure, the tolerance is 1% for params
 and MACs and 5% for latency), the number of plans the search evaluated and, for latency, the
-number of models it timed and the latency model's first prediction (for the plan it chose
-before that plan was timed) against the timed figure, with the two features the latency model can use: ``layers`` (a per-layer table,
-each weight layer timed alone at eight widths) and ``macs`` (the pruned model's MACs). Latency is the median of onnxruntime runs on the CPU with ``--threads``.
+number of models it timed and the latency model's first prediction (for the plan it chose,
+before that plan was timed) against the timed figure, with either feature of the latency
+model: ``layers`` (a per-layer table, each weight layer timed alone at eight widths) and
+``macs`` (the pruned model's MACs). Latency is the median of onnxruntime runs on the CPU with
+``--threads``, interleaved with the dense model.
 
     python examples/bench_targets.py [--models bert,cnn] [--threads 2] [--targets params=0.5,...]
 """

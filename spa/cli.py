@@ -190,7 +190,8 @@ def _cmd_prune(args) -> int:
                             "one of the others")
     ratio = None if args.target is not None else (args.ratio or 0.0)
     result = spa.prune(
-        args.model, ratio, target=args.target, threads=args.threads, depth=args.depth, depth_unit=args.depth_unit, depth_score=args.depth_score,
+        args.model, ratio, target=args.target, threads=args.threads, depth=args.depth, depth_unit=args.depth_unit,
+        depth_score=args.depth_score,
         criterion=args.criterion, reduction=args.reduction,
         normalization=args.normalization, global_pruning=args.global_pruning, round_to=args.round_to,
         protect=args.protect, kinds=args.kinds, gqa=args.gqa, seed=args.seed, calibration=args.calibration,

@@ -535,7 +535,8 @@ def write_stage(job: Job) -> None:
 STAGES: tuple[tuple[str, Callable[[Job], None]], ...] = (
     ("load", load_stage), ("depth", depth_stage), ("graph", graph_stage), ("statistics", statistics_stage), ("score", score_stage),
     ("allocate", allocate_stage), ("compensate", compensate_stage), ("apply", apply_stage),
-    ("target", target_stage), ("noop", noop_stage), ("convert", convert_stage), ("check", check_stage), ("module", module_stage), ("write", write_stage),
+    ("target", target_stage), ("noop", noop_stage), ("convert", convert_stage), ("check", check_stage),
+    ("module", module_stage), ("write", write_stage),
 )
 
 

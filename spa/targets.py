@@ -186,7 +186,8 @@ class Timer:
 
 
 class LatencyModel:
-    """Latency as a monotone piecewise-linear function of MACs, from timed points."""
+    """Latency as a monotone piecewise-linear function of a feature (MACs, or the per-layer
+    table's sum), through the (feature, timed ms) points of the models timed."""
 
     def __init__(self):
         self.points: list[tuple[float, float]] = []
@@ -347,7 +348,8 @@ class Outcome:
                 "achieved": self.achieved, "achieved_ratio": self.achieved / max(self.dense, 1e-12),
                 "error": self.error, "tolerance": self.target.tolerance, "met": self.met,
                 "reachable": self.reachable, "plans_tried": self.plans_tried, "models_timed": self.timed,
-                "predicted": self.predicted, "rounds": self.rounds}
+                "predicted": self.predicted, "rounds": self.rounds,
+                "latency_model": (("layers" if self.layers else "macs") if self.target.kind == "latency" else None)}
 
     def summary(self) -> str:
         k = self.target.kind
@@ -478,7 +480,6 @@ def _polish(search: _Search, best, goal: float, tol: float, budget: int):
 def fit_ratio(make, value, goal: float, tol: float, top: float = 0.95, steps: int = 16):
     """Bisection over an overall ratio (layer-wise allocations). Returns (plan, figure)."""
     lo, hi = 0.0, top
-    best = None
     plan_hi = make(hi)
     f_hi = value(plan_hi)
     best = (plan_hi, f_hi)
@@ -499,7 +500,7 @@ def fit_ratio(make, value, goal: float, tol: float, top: float = 0.95, steps: in
     return best
 
 
-def unreachable(target: Target, dense: float, goal: float, reachable: float, tol: float) -> ArgumentError:
+def unreachable(target: Target, dense: float, goal: float, reachable: float) -> ArgumentError:
     k = target.kind
     return ArgumentError(
         f"target {target.text} cannot be reached: it asks for {fmt(k, goal)} ({goal / max(dense, 1e-12):.3f} of the "
@@ -607,7 +608,7 @@ def _fit(job, family, value, dense, goal, tol, tried, outcome_extra=None):
     most = family.at(1.0)
     reachable = value(most)
     if reachable > goal + tol:
-        raise unreachable(target, dense, goal, reachable, tol)
+        raise unreachable(target, dense, goal, reachable)
     plan, f = family.fit(value, goal, tol)
     out = Outcome(target, dense, goal, f, tried[0], reachable=reachable)
     if not out.met:
@@ -664,7 +665,7 @@ def _latency_search(job, family, dense_model):
             lat.add(macs_of(plan), timed[key][1])
     reachable = min(ms for _, ms in timed.values())
     if reachable > goal + tol:
-        raise unreachable(target, dense, goal, reachable, tol)
+        raise unreachable(target, dense, goal, reachable)
     tried = [0]
     best = None
     predicted = None

@@ -190,3 +190,10 @@ def test_a_latency_search_on_macs_or_the_layer_table(cnn, monkeypatch):
     t = result.target
     assert t.layers == 0
     assert t.met or any("not met within 5%" in n and "reachable" in n for n in result.notes)
+
+
+def test_a_depth_that_alone_goes_below_the_target_is_said_and_prunes_no_channel(bert):
+    result = spa.prune(bert, target="params=0.95", depth=1)
+    assert not result.plan.pruned_groups and result.plan.blocks
+    assert not result.target.met
+    assert any("depth pruning alone reaches" in n for n in result.notes)

@@ -234,14 +234,27 @@ class LayerTable:
 
     @staticmethod
     def _weight(node):
+        """The shape of the weight a Conv / Gemm / MatMul reads: an initializer, or one seen through
+        Transpose / Cast (exports that keep parameter names transpose ``W`` explicitly)."""
         if node.op_type not in ("Conv", "Gemm", "MatMul") or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
             return None
-        w = node.inputs[1]
-        return w if w is not None and w.const_value is not None and w.const_value.dtype.is_floating_point() else None
+        w, perm = node.inputs[1], None
+        p = w.producer() if w is not None else None
+        if p is not None and p.op_type in ("Transpose", "Cast") and p.domain in ("", "ai.onnx") and p.inputs:
+            perm = p.attributes.get_ints("perm", None) if p.op_type == "Transpose" else None
+            if p.op_type == "Transpose" and perm is None:
+                perm = "reverse"
+            w = p.inputs[0]
+        if w is None or w.const_value is None or not w.const_value.dtype.is_floating_point():
+            return None
+        shape = tuple(int(d) for d in w.const_value.shape.numpy())
+        if perm == "reverse":
+            return shape[::-1]
+        return tuple(shape[i] for i in perm) if perm is not None else shape
 
     def _spec(self, node, x_shape):
         """(op, x shape without its channel, cin, cout, attributes) or None (not modelled)."""
-        w = tuple(self._weight(node).const_value.shape.numpy())
+        w = self._weight(node)
         if x_shape is None:
             return None
         attrs = tuple(sorted((k, tuple(a.value) if isinstance(a.value, (list, tuple)) else a.value)
@@ -301,11 +314,10 @@ class LayerTable:
         total = 0.0
         for n in model.graph:
             entry = self.layers.get(n.name)
-            w = self._weight(n) if entry is not None else None
-            if w is None:
+            shape = self._weight(n) if entry is not None else None
+            if shape is None:
                 continue
             cin0, cout0, times, depthwise = entry
-            shape = tuple(w.const_value.shape.numpy())
             if n.op_type == "Conv":
                 cin, cout = (shape[0] if depthwise else shape[1]), shape[0]
             elif n.op_type == "Gemm" and n.attributes.get_int("transB", 0):

@@ -197,3 +197,23 @@ def test_a_depth_that_alone_goes_below_the_target_is_said_and_prunes_no_channel(
     assert not result.plan.pruned_groups and result.plan.blocks
     assert not result.target.met
     assert any("depth pruning alone reaches" in n for n in result.notes)
+
+
+def test_the_layer_table_sees_weights_through_a_transpose():
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((32, 16)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((32, 4)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Transpose", ["w1"], ["w1t"], perm=[1, 0]),
+             helper.make_node("MatMul", ["x", "w1t"], ["h"], name="up"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="down")]
+    g = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 4])], inits)
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model = spa.load(proto)
+    table = targets.LayerTable(model, threads=1, runs=2)
+    assert {k: v[:2] for k, v in table.layers.items()} == {"up": (16, 32), "down": (32, 4)}
+    half = spa.prune(proto, 0.5, verify=False).model
+    assert 0 < table(half) <= table(model)

@@ -42,12 +42,13 @@ from spa.errors import (
 from spa.groups import BlockedGroup, Group, Member
 from spa.pipeline import PruneResult, prune
 from spa.plan import GroupPlan, Plan
+from spa.sensitivity_report import SensitivityResult, sensitivity
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ArgumentError", "Barrier", "BlockedGroup", "DependencyGraph", "Dim", "EquivalenceError", "FrontendError",
-    "Group", "GroupPlan", "IndexMap", "Member", "Plan", "PlanError", "PruneResult", "SpaError",
+    "Group", "GroupPlan", "IndexMap", "Member", "Plan", "PlanError", "PruneResult", "SensitivityResult", "SpaError",
     "UnsupportedModelError", "ValidationError", "apply_plan", "collect_stats", "dependency_graph", "export_plan",
-    "from_pretrained", "load", "load_module", "make_plan", "prune", "save", "save_module", "score",
+    "from_pretrained", "load", "load_module", "make_plan", "prune", "save", "save_module", "score", "sensitivity",
 ]

@@ -132,9 +132,11 @@ def _apply_plan(model, plan, verify, input_shapes, progress, example_inputs, che
     if is_module(model):
         return _apply_to_module(model, plan, example_inputs, verify, progress)
     model = deep = loaded(model)
+    renamed: dict = {}
     if plan.blocks:  # depth first: the plan's groups describe the shallower model
         from spa import depth
 
+        renamed = depth.cache_changes(deep, plan.blocks)[1]
         with progress.step(f"removing {len(plan.blocks)} residual blocks"):
             model = depth.remove(clone(deep), plan.blocks)
         if verify and check_equivalence is not False:
@@ -148,7 +150,7 @@ def _apply_plan(model, plan, verify, input_shapes, progress, example_inputs, che
     if verify:
         from spa.pipeline import check_output
 
-        check_output(out, model, deep, dg, plan, input_shapes, True, check_equivalence, progress)
+        check_output(out, model, deep, dg, plan, input_shapes, True, check_equivalence, progress, renamed=renamed)
     return out
 
 

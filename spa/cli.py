@@ -1,4 +1,4 @@
-"""The ``spa`` command line: inspect, prune, apply, bench, demo."""
+"""The ``spa`` command line: inspect, prune, apply, bench, sensitivity, demo."""
 
 from __future__ import annotations
 
@@ -142,6 +142,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_shape_arg(be)
     _add_device_args(be)
 
+    se = sub.add_parser("sensitivity", help="output fidelity of every group and layer pruned alone, ranked, "
+                                             "with the parameters, MACs (and time) each saves")
+    se.add_argument("model")
+    se.add_argument("--ratios", default="0.1,0.3,0.5", metavar="R1,R2,..",
+                    help="shares of each group's channels removed, each in (0, 1) (default: 0.1,0.3,0.5)")
+    se.add_argument("--criterion", default="l1", metavar="NAME",
+                    help=f"which channels go first: {', '.join(n for n in criterion_names() if n not in ('taylor', 'snip', 'grasp'))} "
+                         "(default: l1; wanda/flap/obspa read --calibration)")
+    se.add_argument("--reduction", default="mean", choices=REDUCTIONS, help="how member scores combine")
+    se.add_argument("--normalization", default="mean", choices=NORMALIZATIONS, help="per-group score normalization")
+    se.add_argument("--calibration", default=None, metavar="gaussian|zipf|lm-sample|model|DIR",
+                    help="inputs the fidelity is measured on (as for prune; default: gaussian)")
+    se.add_argument("--calibration-batches", type=int, default=2, metavar="N",
+                    help="batches the fidelity is measured on (default 2)")
+    se.add_argument("--seed", type=int, default=0, help="seed of the data-free inputs and the random criterion")
+    se.add_argument("--json", metavar="FILE", help="write the full report as JSON (schema spa.sensitivity/1)")
+    se.add_argument("--plot", metavar="FILE.png", help='write a PNG plot (needs matplotlib: pip install "spa-prune[plot]")')
+    se.add_argument("--latency", action="store_true",
+                    help="also measure the time each saves (onnxruntime, the pruned-alone model against the dense one)")
+    se.add_argument("--runs", type=int, default=20, help="timed runs per model with --latency (default 20)")
+    se.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads for --latency")
+    se.add_argument("--top", type=int, default=None, metavar="N", help="rows shown per table (default: all)")
+    se.add_argument("--cache-dir", metavar="DIR",
+                    help="where results are cached (default: $SPA_CACHE_DIR, else ~/.cache/spa)")
+    se.add_argument("--no-cache", dest="cache", action="store_false", help="neither read nor write the cache")
+    _add_shape_arg(se)
+    _add_device_args(se)
+
     de = sub.add_parser("demo", help="build a small ResNet, prune it 50%%, verify it and compare")
     de.add_argument("--ratio", type=float, default=0.5)
     de.add_argument("--out", metavar="DIR", help="keep dense.onnx and pruned.onnx here")
@@ -216,9 +244,9 @@ def _cmd_prune(args) -> int:
     print(f"ran on: {result.device}")
     for f in result.folder:
         print(f.line(Path(args.output).parent))
-    from spa.report import signature_changes, signature_lines
+    from spa.report import signature_lines
 
-    changes = signature_changes(result.dense, result.model) if result.dense is not None else []
+    changes = result.signature_changes()
     if changes:
         print(f"changed graph inputs/outputs: {len(changes)}")
         print("\n".join(signature_lines(changes)))
@@ -291,6 +319,43 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_sensitivity(args) -> int:
+    import spa
+
+    prog = Progress(True)
+    if args.plot:  # before the measurement: a missing matplotlib should not cost the run
+        from spa.sensitivity_report import _pyplot
+
+        _pyplot()
+    result = spa.sensitivity(args.model, ratios=args.ratios, criterion=args.criterion, reduction=args.reduction,
+                             normalization=args.normalization, calibration=args.calibration,
+                             calibration_batches=args.calibration_batches, input_shapes=_input_shapes(args.input_shape),
+                             seed=args.seed, latency=args.latency, latency_runs=args.runs, threads=args.threads,
+                             cache=args.cache, cache_dir=args.cache_dir, progress=prog, device=args.device,
+                             provider=args.provider)
+    if result.cached:
+        print(f"reused cached results from {result.cache_path} (measured in {result.seconds:.1f}s; --no-cache "
+              "measures again)")
+    print(f"ranked least sensitive first (relative output error at ratio {result.ratios[-1]:g}); "
+          f"{len(result.groups)} groups, {len(result.layers)} layers, each pruned alone")
+    print(result.table("group", args.top))
+    if result.layers:
+        print()
+        print(result.table("layer", args.top))
+    if result.latency_method:
+        print(f"time saved: {result.latency_method} (median onnxruntime latency of the dense model minus the "
+              f"pruned-alone model's, timed in alternation; dense {result.model['latency_ms']:.3f} ms)")
+    for note in result.notes:
+        print(f"note: {note}")
+    if args.json:
+        result.to_json(args.json)
+        prog.note(f"wrote {args.json}")
+    if args.plot:
+        result.plot(args.plot)
+        prog.note(f"wrote {args.plot}")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     import spa
     from spa import zoo
@@ -322,13 +387,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="[spa] %(message)s")
     handler = {"inspect": _cmd_inspect, "prune": _cmd_prune, "apply": _cmd_apply, "bench": _cmd_bench,
-               "demo": _cmd_demo}[args.command]
+               "sensitivity": _cmd_sensitivity, "demo": _cmd_demo}[args.command]
     try:
         from spa.io import refuse_overwriting_inputs
 
         refuse_overwriting_inputs(
             [(flag, getattr(args, attr)) for flag, attr in (("-o", "output"), ("--json", "json"),
-                                                            ("--plan-out", "plan_out"), ("--report", "report"))
+                                                            ("--plan-out", "plan_out"), ("--report", "report"),
+                                                            ("--plot", "plot"))
              if getattr(args, attr, None)],
             [(what, getattr(args, attr)) for what, attr in (("the input model", "model"), ("the plan", "plan"),
                                                             ("the other model", "other"))

@@ -62,6 +62,7 @@ class Sizes:
     layers: tuple[LayerSizes, ...]
     head_size: int | None
     hidden_size: int | None
+    ffn_layers: int | None = None  # FFNs found in the graph, where their count differs from the layers'
 
     def uniform(self, field: str) -> int | None:
         values = {getattr(layer, field) for layer in self.layers} - {None}
@@ -144,11 +145,12 @@ def graph_sizes(model: ir.Model, dense: ir.Model | None = None, ffn: int | None 
     if head_size is None and attention and heads[0]:
         head_size = _attention_width(attention[0]) // heads[0] or None
     widths = _ffn_widths(nodes, dense, ffn)
+    ffn_layers = None
     if widths and len(widths) != n_layers and n_layers:
-        widths = []
+        widths, ffn_layers = [], len(widths)
     layers = tuple(LayerSizes(heads[i] if i < len(heads) else None, kv[i] if i < len(kv) else None,
                               widths[i] if widths else None) for i in range(n_layers))
-    return Sizes(layers, head_size, _hidden_size(model))
+    return Sizes(layers, head_size, _hidden_size(model), ffn_layers)
 
 
 def _attention_width(node: ir.Node) -> int:
@@ -238,6 +240,10 @@ def hf_config(config: dict, sizes: Sizes) -> tuple[dict, str]:
     ``head_dim`` explicit once heads change."""
     from spa.frontends.hf import CONFIG_KEY
 
+    if sizes.ffn_layers is not None:
+        raise FolderError(f"{HF_CONFIG} cannot describe the pruned model: it has {len(sizes.layers)} attention "
+                          f"layers but {sizes.ffn_layers} FFNs (depth pruning removed sublayers); remove whole "
+                          "layers (--depth-unit layer) or write the model alone (--no-folder, folder=False)")
     new: dict = {"num_hidden_layers": len(sizes.layers)}
     lists = {}
     for key, field in (("num_attention_heads", "heads"), ("num_key_value_heads", "kv_heads"),

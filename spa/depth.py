@@ -8,6 +8,13 @@ Add's output keeps the stream's shape: removing it then equals forcing its outpu
 An Add whose two operands both derive from an earlier stream value through weights (a
 downsampling block with a projection shortcut) is listed as a block that is not removable.
 
+A fused skip norm (com.microsoft ``SkipSimplifiedLayerNormalization`` / ``SkipLayerNormalization``,
+as onnxruntime-genai builds decoders) closes a branch too: its residual sum (output 3) is the
+stream and its normalized output the next branch's input; removed, it becomes the plain norm of
+the stream. A decoder layer's K/V cache (a ``spa.state`` pair read and written by its attention
+op) goes with the layer: its past input and present output leave the graph and the caches left
+are renumbered 0..n-1 (the runtime finds them by name pattern and layer count).
+
 Scores (``score_units``) run the model once in onnxruntime with the stream values exposed:
 
 * ``bi``: block influence, 1 - cosine(stream before, stream after) averaged over tokens;
@@ -26,13 +33,43 @@ import numpy as np
 import onnx_ir as ir
 
 from spa.errors import ArgumentError, PlanError
+from spa.state import find_state_pairs
 
 KINDS = ("attention", "ffn", "block", "layer")
 UNITS = ("layer", "sublayer")
 SCORES = ("bi", "angular", "greedy")
 _MATMULS = {"MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum", "MatMulInteger", "QLinearMatMul", "QLinearConv",
-            "FusedMatMul", "ConvInteger"}
+            "FusedMatMul", "ConvInteger", "MatMulNBits"}
 _ATTENTION = {"Softmax", "LogSoftmax"}
+MS = "com.microsoft"
+#: fused residual norms: op type -> (the plain norm it leaves when its branch goes, inputs kept after x)
+SKIP_NORMS = {"SkipSimplifiedLayerNormalization": ("SimplifiedLayerNormalization", 1),
+              "SkipLayerNormalization": ("LayerNormalization", 2)}
+_SUM = 3  # a skip norm's output holding input + skip
+
+
+def skip_norm(n: ir.Node) -> bool:
+    """A fused skip norm whose only residual is input + skip (no bias input) and whose mean /
+    inverse-std outputs nobody reads."""
+    if n.domain != MS or n.op_type not in SKIP_NORMS:
+        return False
+    ins, outs = list(n.inputs), list(n.outputs)
+    bias = 2 + SKIP_NORMS[n.op_type][1]
+    return (len(ins) > 2 and None not in ins[:3] and all(i is None for i in ins[bias:])
+            and not any(o.uses() or o.is_graph_output() for o in outs[1:_SUM]))
+
+
+def _closes(n: ir.Node) -> bool:
+    return (n.op_type == "Add" and n.domain in ("", "ai.onnx") and len(n.inputs) == 2 and None not in n.inputs) \
+        or skip_norm(n)
+
+
+def stream_after(n: ir.Node) -> ir.Value | None:
+    """The stream value a closing node writes: the Add's output, a skip norm's sum (None when
+    the graph does not expose it: the last layer's norm)."""
+    if n.op_type == "Add":
+        return n.outputs[0]
+    return n.outputs[_SUM] if len(n.outputs) > _SUM and n.outputs[_SUM].name else None
 
 
 @dataclass(frozen=True)
@@ -48,6 +85,7 @@ class Block:
     params: tuple[str, ...]
     removable: bool
     reason: str | None
+    caches: tuple[str, ...] = ()  # K/V cache inputs (past) that go with the block
 
     def describe(self) -> str:
         what = {"attention": "attention sublayer", "ffn": "FFN sublayer", "block": "residual block",
@@ -78,6 +116,11 @@ class _Graph:
         self.nodes = list(model.graph)
         self.pos = {id(n): i for i, n in enumerate(self.nodes)}
         self.outputs = {id(v) for v in model.graph.outputs}
+        self.states = {s.present: s for s in find_state_pairs(model.graph)}
+
+    def caches(self, nodes) -> list:
+        """The K/V cache pairs (``spa.state.StatePair``) whose present output ``nodes`` write."""
+        return [self.states[o.name] for m in nodes for o in m.outputs if o.name in self.states]
 
     def at(self, v: ir.Value) -> int:
         p = v.producer()
@@ -100,6 +143,9 @@ class _Graph:
         anc = self.ancestors(out, self.at(x))
         anc.sort(key=lambda n: self.pos[id(n)])
         reached, core = {id(x)}, []
+        p = x.producer()
+        if p is not None and skip_norm(p) and x is stream_after(p):
+            reached.update(id(o) for o in p.outputs)  # the fused norm of the stream reads only x
         for n in anc:
             if any(i is not None and id(i) in reached for i in n.inputs):
                 core.append(n)
@@ -122,9 +168,9 @@ def _shape(v: ir.Value):
 def _branches(g: _Graph) -> list[_Branch]:
     found = []
     for n in g.nodes:
-        if n.op_type != "Add" or n.domain not in ("", "ai.onnx") or len(n.inputs) != 2 or None in n.inputs:
+        if not _closes(n):
             continue
-        a, b = n.inputs
+        a, b = n.inputs[:2]
         if _is_const(a) or _is_const(b) or a is b or n.outputs[0].dtype is None \
                 or not n.outputs[0].dtype.is_floating_point():
             continue
@@ -136,7 +182,8 @@ def _branches(g: _Graph) -> list[_Branch]:
                 found.append(_Branch(n, x, out, tuple(core)))
                 break
         else:
-            found.extend(_parallel(g, n, found) or _projection(g, n))
+            if n.op_type == "Add":
+                found.extend(_parallel(g, n, found) or _projection(g, n))
     inner = {id(m) for br in found for m in br.core}
     return [br for br in found if id(br.add) not in inner]
 
@@ -234,9 +281,15 @@ def _why_not(g: _Graph, br: _Branch) -> str | None:
         return f"projection shortcut ({'/'.join(ops)} on the shortcut{change})"
     members = {id(m) for m in br.core}
     closing = {id(br.out)} | {id(a.outputs[0]) for a, _ in br.inner}
+    pasts = {v.name: v for v in g.model.graph.inputs}
+    for pair in g.caches(br.core):
+        readers = [u.node for u in pasts[pair.past].uses()]
+        if any(id(r) not in members for r in readers):
+            return f"cache input '{pair.past}' of the branch is also read outside it"
+    caches = {pair.present for pair in g.caches(br.core)}
     for m in br.core:
         for o in m.outputs:
-            if id(o) in g.outputs:
+            if id(o) in g.outputs and o.name not in caches:
                 return f"value '{o.name}' of the branch is a graph output"
             for u in o.uses():
                 if id(u.node) not in members and not (id(o) in closing and u.node is br.add):
@@ -280,13 +333,13 @@ def _discover(model: ir.Model) -> tuple[list[Block], dict[str, tuple[_Branch, ..
         key = (f"layer{layer_of[i]}" + ("" if kind == "layer" else f".{kind}")) if layer_of[i] is not None \
             else f"block{i}"
         blocks.append(Block(key, kind, layer_of[i], i, br.add.name, tuple(m.name for m in nodes), tuple(params),
-                            why is None, why))
+                            why is None, why, tuple(pair.past for pair in g.caches(br.core))))
         of[key] = (br,)
     for layer, i, j in pairs:
         a, f = blocks[i], blocks[j]
         why = a.reason or f.reason
         blocks.append(Block(f"layer{layer}", "layer", layer, i, f.add, a.nodes + f.nodes, a.params + f.params,
-                            why is None, why))
+                            why is None, why, a.caches + f.caches))
         of[f"layer{layer}"] = (branches[i], branches[j])
     return blocks, of
 
@@ -308,6 +361,22 @@ def branches_of(model: ir.Model, blocks, found=None) -> list[tuple[ir.Node, ir.V
             raise PlanError(f"block '{b.key}' cannot be removed: {b.reason}")
         out.extend((br.add, br.stream, br.gates) for br in of[b.key])
     return out
+
+
+def cache_changes(model: ir.Model, blocks, found=None) -> tuple[set[str], dict[str, str]]:
+    """What removing ``blocks`` does to the K/V cache interface: the past and present names that
+    go with their layers, and old -> new names of the caches left (numbered 0..n-1)."""
+    from spa.state import renumber
+
+    found = _discover(model) if found is None else found
+    g = _Graph(model)
+    by_key = {b.key: b for b in found[0]}
+    gone: set[str] = set()
+    for want in blocks:
+        if want.key in by_key:
+            for br in found[1][want.key]:
+                gone.update(n for pair in g.caches(br.core) for n in (pair.past, pair.present))
+    return gone, (renumber(find_state_pairs(model.graph), gone) if gone else {})
 
 
 def gated(model: ir.Model, blocks, gates: bool = False) -> ir.Model:
@@ -388,13 +457,14 @@ def score_units(model: ir.Model, candidates: list[Block], n: int, method: str, f
         return _greedy(model, candidates, n, feeds)
     found = _discover(model)
     subs = [branches_of(model, [u], found) for u in candidates]
-    ends = [(s[0][1].name, s[-1][0].outputs[0].name) for s in subs]
-    names = sorted({v for pair in ends for v in pair})
+    ends = [((s[0][1].name,), _after(*s[-1])) for s in subs]
+    names = sorted({v for pair in ends for part in pair for v in part})
     sess = runtime.session_exposing(model, names)
     wanted = [o.name for o in sess.get_outputs()]
     sums: dict = {}
     for batch in feeds:
-        values = dict(zip(wanted, sess.run(None, batch)))
+        exposed = dict(zip(wanted, sess.run(None, batch)))
+        values = {part: sum(exposed[v] for v in part) for pair in ends for part in pair}
         if method == "bi":
             for i, (x, y) in enumerate(ends):
                 sums.setdefault(i, []).append(float(np.mean(1.0 - _cosine(values[x], values[y]))))
@@ -408,6 +478,13 @@ def score_units(model: ir.Model, candidates: list[Block], n: int, method: str, f
         return [candidates[i] for i in sorted(chosen)]
     best = min(score, key=lambda i: (score[i], i))
     return candidates[best:best + n]
+
+
+def _after(add: ir.Node, x: ir.Value, gates) -> tuple[str, ...]:
+    """Values whose sum is the stream after a sublayer: the closing node's stream output, or
+    the stream and the branch output where the graph does not expose their sum."""
+    y = stream_after(add)
+    return (y.name,) if y is not None else (x.name, gates[0][1].name)
 
 
 def _contiguous(candidates: list[Block], n: int) -> list[int]:
@@ -485,14 +562,21 @@ def remove(model: ir.Model, blocks) -> ir.Model:
 
 def check_removal(dense: ir.Model, shallow: ir.Model, blocks, feeds: dict) -> tuple[float, float]:
     """Run ``shallow`` and ``dense`` with the branches of ``blocks`` zeroed on ``feeds``; they
-    must agree. Returns (max |diff|, tolerance); raises EquivalenceError otherwise."""
+    must agree (on the outputs both have: the removed layers' caches aside, the others by their
+    new names). Returns (max |diff|, tolerance); raises EquivalenceError otherwise."""
     from spa import runtime
     from spa.equivalence import _compare_shapes, _tolerance
     from spa.errors import EquivalenceError
     from spa.io import to_proto
 
-    _, want = runtime.run_flat(runtime.session(to_proto(gated(dense, blocks))), feeds)
-    names, got = runtime.run_flat(runtime.session(to_proto(shallow)), feeds)
+    gone, renames = cache_changes(dense, blocks)
+    dense_names, dense_out = runtime.run_flat(runtime.session(to_proto(gated(dense, blocks))), feeds)
+    by_name = {renames.get(n, n): a for n, a in zip(dense_names, dense_out) if n not in gone}
+    sess = runtime.session(to_proto(shallow))
+    wanted = {i.name for i in sess.get_inputs()}
+    old_of = {new: old for old, new in renames.items()}
+    names, got = runtime.run_flat(sess, {n: feeds[old_of.get(n, n)] for n in wanted})
+    want = [by_name[n] for n in names if n in by_name]
     _compare_shapes(names, got, want)
     atol, rtol = _tolerance(want)
     diff = max((float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))) if a.size else 0.0

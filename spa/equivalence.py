@@ -199,10 +199,11 @@ class _Runner:
 
 
 def check(source: ir.Model, pruned: ir.Model, dg, plan, feeds: dict, dense: ir.Model | None = None,
-          apply=None) -> EquivalenceReport:
+          apply=None, renamed: dict | None = None) -> EquivalenceReport:
     """Compare ``pruned`` with ``source`` (the model the plan was applied to, compensation
     included) masked on the plan's exact groups; with ``dense`` (the unmodified input) also
-    measure fidelity. ``apply(model, plan)`` prunes a model (for inexact groups and bisection).
+    measure fidelity (``renamed``: dense inputs/outputs that ``source`` holds under new names,
+    depth's renumbered caches). ``apply(model, plan)`` prunes a model (for inexact groups and bisection).
     Raises ValidationError naming the guilty group when the outputs differ."""
     from spa.runtime import ort_errors
 
@@ -248,9 +249,35 @@ def check(source: ir.Model, pruned: ir.Model, dg, plan, feeds: dict, dense: ir.M
                 f"--protect '{guilty.rsplit(':', 1)[0]}' (protect=[...]) and report the model"
                 if guilty else "no single group causes it. Nothing was written; report the model"))
     if dense is not None and (inexact or dense is not source):
-        _, base = runner.run(dense)
+        inputs = [v.name for v in dense.graph.inputs if v.name not in dense.graph.initializers]
+        if renamed or not set(inputs) <= set(feeds):  # depth removed or renumbered caches
+            dense_names, base = _Runner(_interface_feeds(dense, feeds, renamed or {})).run(dense)
+            by_name = {(renamed or {}).get(n, n): a for n, a in zip(dense_names, base)}
+            base = [by_name[n] for n in names]
+        else:
+            _, base = runner.run(dense)
         report.fidelity = fidelity(got, _cut_outputs(names, base, dg, cuts))
     return report
+
+
+def _interface_feeds(dense: ir.Model, feeds: dict, renamed: dict) -> dict:
+    """``feeds`` (for a model whose caches depth renumbered or removed) for ``dense``: a renamed
+    input gets its new name's feed, a removed cache zeros shaped like a kept one."""
+    out, missing = {}, []
+    for v in dense.graph.inputs:
+        if v.name in dense.graph.initializers:
+            continue
+        name = renamed.get(v.name, v.name)
+        if name in feeds:
+            out[v.name] = feeds[name]
+        else:
+            missing.append(v)
+    for v in missing:
+        like = next((out[u.name] for u in dense.graph.inputs if u.name in out and u.shape == v.shape), None)
+        if like is None:
+            raise ValidationError(f"no feed for input '{v.name}' of the dense model to measure fidelity against")
+        out[v.name] = np.zeros_like(like)
+    return out
 
 
 def state_cuts(dg, plan) -> dict[str, np.ndarray]:

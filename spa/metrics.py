@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import onnx
@@ -161,19 +162,51 @@ def value_shapes(model: ir.Model, names, input_shapes: dict | None = None) -> di
     return shapes
 
 
+class Counter:
+    """Parameters and MACs of a model, and of the same model with some axes shrunk (what a plan
+    that slices only those axes leaves), from one shape inference: a pruned copy need not be
+    built to be counted. ``shrunk`` maps (value or initializer name, axis) to the new size."""
+
+    def __init__(self, model: ir.Model, input_shapes: dict | None = None):
+        opsets = model_opsets(model)
+        self.counted = [(node, spec.macs) for node in model.graph
+                        if (spec := spec_of(node, opsets)) is not None and spec.macs is not None]
+        self.shapes = value_shapes(model, [v.name for node, _ in self.counted
+                                           for v in (node.inputs[0], node.outputs[0]) if v is not None],
+                                   input_shapes)
+        self.model = model
+
+    @functools.cached_property
+    def elements(self) -> dict[str, int]:
+        return param_elements(self.model)
+
+    def _shape(self, name: str, shrunk: dict | None):
+        shape = self.shapes.get(name)
+        if shape is None or not shrunk:
+            return shape
+        return tuple(shrunk.get((name, axis), d) for axis, d in enumerate(shape))
+
+    def macs(self, shrunk: dict | None = None) -> int:
+        total = 0
+        for node, macs in self.counted:
+            ins = [self._shape(v.name, shrunk) if v is not None else None for v in node.inputs]
+            outs = [self._shape(v.name, shrunk) for v in node.outputs]
+            total += macs(node, ins, outs) or 0
+        return int(total)
+
+    def params(self, shrunk: dict | None = None) -> int:
+        total = 0
+        for name, n in self.elements.items():
+            shape = self.shapes.get(name)
+            if shrunk and shape is not None and any((name, a) in shrunk for a in range(len(shape))):
+                n = math.prod(self._shape(name, shrunk))
+            total += n
+        return int(total)
+
+
 def count_macs(model: ir.Model, input_shapes: dict | None = None) -> int:
     """Multiply-accumulates of one forward pass with concrete input shapes."""
-    opsets = model_opsets(model)
-    counted = [(node, spec.macs) for node in model.graph
-               if (spec := spec_of(node, opsets)) is not None and spec.macs is not None]
-    shapes = value_shapes(model, [v.name for node, _ in counted for v in (node.inputs[0], node.outputs[0])
-                                  if v is not None], input_shapes)
-    total = 0
-    for node, macs in counted:
-        ins = [shapes.get(v.name) if v is not None else None for v in node.inputs]
-        outs = [shapes.get(v.name) for v in node.outputs]
-        total += macs(node, ins, outs) or 0
-    return int(total)
+    return Counter(model, input_shapes).macs()
 
 
-__all__ = ["count_macs", "count_params", "value_shapes"]
+__all__ = ["Counter", "count_macs", "count_params", "value_shapes"]

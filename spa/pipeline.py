@@ -50,6 +50,13 @@ class PruneResult:
     source: Path | None = None  # the input model's path, when it was read from one
     folder: list = field(default_factory=list)  # spa.deploy.FolderFile: what was written beside the model
     target: object = None  # spa.targets.Outcome: the target, the dense and the achieved figure
+    renamed: dict = field(default_factory=dict)  # graph inputs/outputs renamed (depth's renumbered caches): old -> new
+
+    def signature_changes(self) -> list[dict]:
+        """Graph inputs and outputs the prune changed (``spa.report.signature_changes``)."""
+        from spa.report import signature_changes
+
+        return [] if self.dense is None else signature_changes(self.dense, self.model, self.renamed)
 
     @property
     def proto(self) -> onnx.ModelProto:
@@ -101,7 +108,10 @@ class PruneResult:
                 "ir_version": {"in": source.get("ir_version"), "out": int(out.ir_version)}}
 
     def report(self) -> dict:
-        """A JSON-ready summary: plan counts, the equivalence check, fidelity, notes."""
+        """A JSON-ready summary: plan counts, the changed graph inputs/outputs (``signature``, and
+        ``signature_lines`` as the CLI prints them), the equivalence check, fidelity, notes."""
+        from spa.report import signature_lines
+
         groups = {g.key: g for g in self.graph.groups}
         return {
             "criterion": self.plan.meta.get("criterion"),
@@ -114,6 +124,8 @@ class PruneResult:
             "channels_removed": sum(g.removed for g in self.plan.groups),
             "channels_total": sum(g.size for g in self.plan.groups),
             "equivalence": None if self.equivalence is None else self.equivalence.as_dict(),
+            "signature": self.signature_changes(),
+            "signature_lines": [line.strip() for line in signature_lines(self.signature_changes())],
             "notes": list(self.notes),
             "device": self.device,
             "form": self.form(),
@@ -177,6 +189,7 @@ class Job:
     target: object = None  # spa.targets.Target: the ratio is searched for
     threads: int | None = None  # onnxruntime intra-op threads of latency measurements
     outcome: object = None  # spa.targets.Outcome of the target search
+    renamed: dict = field(default_factory=dict)  # K/V caches renumbered by depth pruning: old -> new name
 
 
 # ---- stages -----------------------------------------------------------------------------
@@ -213,11 +226,16 @@ def depth_stage(job: Job) -> None:
                         job.input_shapes, job.seed)
         chosen = dp.select(job.model, job.depth, job.depth_unit, job.depth_score, feeds, blocks)
     job.deep = clone(job.model)
+    gone, job.renamed = dp.cache_changes(job.model, chosen)
     with job.progress.step(f"removing {len(chosen)} residual {job.depth_unit}s"):
         dp.remove(job.model, chosen)
     job.blocks = dp.to_plans(chosen)
     removed = ", ".join(b.key for b in chosen)
     job.notes.append(f"depth: removed {len(chosen)} residual {job.depth_unit}s ({job.depth_score}): {removed}")
+    if gone:
+        job.notes.append(f"depth: {len(gone) // 2} K/V cache pairs went with their layers ({', '.join(sorted(gone))})"
+                         + (f"; the {len(job.renamed)} cache inputs/outputs after them were renumbered"
+                            if job.renamed else ""))
     if job.verify and job.run and job.check_equivalence is not False:
         from spa import equivalence as eq
         from spa.io import model_nbytes
@@ -415,7 +433,7 @@ def apply_stage(job: Job) -> None:
     with job.progress.step(f"applying plan ({len(job.plan.pruned_groups)} groups pruned)"):
         apply_in_place(job.model, job.plan, graph=job.dg)
     job.result = PruneResult(job.model, job.plan, job.dg, dense=job.deep or job.dense, notes=list(job.notes),
-                             source=_source_path(job.source))
+                             source=_source_path(job.source), renamed=dict(job.renamed))
 
 
 def target_stage(job: Job) -> None:
@@ -480,7 +498,7 @@ def check_stage(job: Job) -> None:
         return
     verify, equivalence = check_output(job.model, job.reference, job.deep or job.dense, job.dg, job.plan,
                                        job.input_shapes,
-                                       job.run, job.check_equivalence, job.progress)
+                                       job.run, job.check_equivalence, job.progress, renamed=job.renamed)
     job.result.verify_report, job.result.equivalence = verify, equivalence
     job.result.notes.extend(verify.notes)
     if equivalence is not None and equivalence.skipped:
@@ -542,11 +560,13 @@ STAGES: tuple[tuple[str, Callable[[Job], None]], ...] = (
 
 # ---- the check, shared with spa.apply_plan ------------------------------------------------
 def check_output(pruned: ir.Model, reference: ir.Model, dense: ir.Model, dg: DependencyGraph, plan: Plan,
-                 input_shapes, run: bool, check_equivalence: bool | None, progress: Progress = SILENT):
+                 input_shapes, run: bool, check_equivalence: bool | None, progress: Progress = SILENT,
+                 renamed: dict | None = None):
     """Validity (checker, strict shape inference; blames a group when invalid), then, when
     ``run``: the equivalence check against the masked reference (``spa.equivalence``), or, when
     that is off or the model too large, one onnxruntime run that must keep the output shapes.
-    Returns (VerifyReport, EquivalenceReport or None)."""
+    ``renamed``: inputs/outputs of ``dense`` that ``reference`` holds under new names (depth's
+    renumbered caches), for the fidelity run. Returns (VerifyReport, EquivalenceReport or None)."""
     from spa import equivalence as eq
     from spa.api import blame_invalid, pruned_copy
     from spa.io import model_nbytes
@@ -588,7 +608,7 @@ def check_output(pruned: ir.Model, reference: ir.Model, dense: ir.Model, dg: Dep
     with progress.step("checking equivalence with the masked dense model"):
         feeds = _check_feeds(reference, input_shapes)
         try:
-            result = eq.check(reference, pruned, dg, plan, feeds, dense=dense, apply=pruned_copy)
+            result = eq.check(reference, pruned, dg, plan, feeds, dense=dense, apply=pruned_copy, renamed=renamed)
         except EquivalenceError:
             raise
         except ValidationError as exc:

@@ -137,8 +137,10 @@ def block_lines(blocks) -> list[str]:
             seen.add(b.layer)
             subs = [x for x in blocks if x.layer == b.layer and x.kind != "layer"]
             state = next((f"not removable: {x.reason}" for x in subs if not x.removable), "removable")
+            caches = [c for x in subs for c in x.caches]
             lines.append(f"  layer {b.layer}: {', '.join(names[x.kind] for x in subs)}: {state}  "
-                         f"[{', '.join(x.key for x in subs)}; {sum(len(x.params) for x in subs)} weights]")
+                         f"[{', '.join(x.key for x in subs)}; {sum(len(x.params) for x in subs)} weights"
+                         + (f"; with its K/V cache {', '.join(caches)}" if caches else "") + "]")
         else:
             state = "removable" if b.removable else f"not removable: {b.reason}"
             lines.append(f"  block {b.index} ({_block_shape(b)}): {state}  [{b.key}; {len(b.params)} weights]")
@@ -207,22 +209,40 @@ def _shape_text(v) -> str:
     return "[" + ", ".join(str(d if isinstance(d, int) else getattr(d, "value", d)) for d in v.shape) + "]"
 
 
-def signature_changes(dense, pruned) -> list[dict]:
-    """Graph inputs and outputs whose shape differs between ``dense`` and ``pruned`` (onnx_ir
-    models): ``{"name", "kind": "input"|"output", "before", "after"}``, symbolic dims by name."""
+def signature_changes(dense, pruned, renamed: dict | None = None) -> list[dict]:
+    """Graph inputs and outputs that differ between ``dense`` and ``pruned`` (onnx_ir models):
+    ``{"name", "kind": "input"|"output", "before", "after", "was"}``, symbolic dims by name;
+    ``renamed`` (old -> new names: depth's renumbered caches) pairs values across names, ``was``
+    is the old name, ``after`` None for a value that is gone."""
+    old_of = {new: old for old, new in (renamed or {}).items()}
     out = []
     for kind in ("input", "output"):
         before = {v.name: v for v in getattr(dense.graph, kind + "s")}
+        seen = set()
         for v in getattr(pruned.graph, kind + "s"):
-            old = before.get(v.name)
-            if old is not None and _shape_text(old) != _shape_text(v):
-                out.append({"name": v.name, "kind": kind, "before": _shape_text(old), "after": _shape_text(v)})
+            was = old_of.get(v.name, v.name)
+            old = before.get(was)
+            seen.add(was)
+            if old is not None and (was != v.name or _shape_text(old) != _shape_text(v)):
+                out.append({"name": v.name, "kind": kind, "before": _shape_text(old), "after": _shape_text(v),
+                            "was": was})
+        out.extend({"name": name, "kind": kind, "before": _shape_text(v), "after": None, "was": name}
+                   for name, v in before.items() if name not in seen)
     return out
 
 
 def signature_lines(changes) -> list[str]:
-    """``name: [before] -> [after]`` per changed graph input/output."""
-    return [f"  {c['name']}: {c['before']} -> {c['after']}" for c in changes]
+    """``name: [before] -> [after]`` per changed graph input/output (``old -> new`` names where
+    renamed, ``removed`` where gone)."""
+    lines = []
+    for c in changes:
+        if c["after"] is None:
+            lines.append(f"  {c['name']}: {c['before']} removed")
+        elif c.get("was", c["name"]) != c["name"]:
+            lines.append(f"  {c['was']} -> {c['name']}: {c['before']} -> {c['after']}")
+        else:
+            lines.append(f"  {c['name']}: {c['before']} -> {c['after']}")
+    return lines
 
 
 def state_lines(dg: DependencyGraph) -> list[str]:

@@ -125,6 +125,12 @@ def renumber(pairs, removed: set[str]) -> dict[str, str]:
     return renames
 
 
+def single_batch(model) -> bool:
+    """Whether synthetic feeds must hold one sample: GroupQueryAttention refuses a batch above 1
+    when it reads a non-empty past cache with more than one new token."""
+    return any(s.op == "GroupQueryAttention" for s in find_state_pairs(model.graph))
+
+
 #: Past length of synthetic cache feeds (a non-empty cache, so the masked reference reads it).
 PAST_LEN = 5
 #: Length runtime.concrete_shape gives a symbolic sequence axis.

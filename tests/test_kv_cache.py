@@ -119,6 +119,14 @@ def test_cli_prune_lists_signature(llama, tmp_path, capsys):
     assert "changed graph inputs/outputs: 16" in out
     assert "past_key_values.0.key: [batch_size, 4, past_sequence_length, kv_cache_dim] -> " \
            "[batch_size, 2, past_sequence_length, kv_cache_dim]" in out
+    # the API's report holds the same lines
+    report = spa.prune(llama, ratio=0.5, kinds=["heads"], check_equivalence=False).report()
+    printed = out[out.index("changed graph inputs/outputs: 16"):].splitlines()[1:17]
+    assert report["signature_lines"] == [line.strip() for line in printed]
+    assert len(report["signature"]) == 16
+    assert {"name": "present.3.value", "kind": "output", "before": "[batch_size, 4, total_sequence_length, kv_cache_dim]",
+            "after": "[batch_size, 2, total_sequence_length, kv_cache_dim]", "was": "present.3.value"} \
+        in report["signature"]
 
 
 @pytest.mark.skipif(not SLOW, reason="SPA_SLOW=1: more builder shapes")
@@ -130,3 +138,20 @@ def test_other_builder_outputs_prune_kv_heads(build, precision, tmp_path_factory
     assert res.equivalence.checked_groups
     ins = {v.name: v for v in res.model.graph.inputs}
     assert ins["past_key_values.0.key"].shape[1] == 2
+
+
+def test_renumber_closes_the_gaps_of_removed_layers():
+    from spa.state import StatePair, renumber
+
+    pairs = [StatePair(f"past_key_values.{i}.{kv}", f"present.{i}.{kv}", f"attn{i}", "GroupQueryAttention")
+             for kv in ("key", "value") for i in range(4)]
+    gone = {f"{p}.{i}.{kv}" for p in ("past_key_values", "present") for i in (0, 2) for kv in ("key", "value")}
+    assert renumber(pairs, gone) == {"past_key_values.1.key": "past_key_values.0.key",
+                                     "past_key_values.3.key": "past_key_values.1.key",
+                                     "past_key_values.1.value": "past_key_values.0.value",
+                                     "past_key_values.3.value": "past_key_values.1.value",
+                                     "present.1.key": "present.0.key", "present.3.key": "present.1.key",
+                                     "present.1.value": "present.0.value", "present.3.value": "present.1.value"}
+    assert renumber(pairs, {"past_key_values.3.key", "present.3.key"}) == {}  # the last layer: nothing moves
+    odd = [StatePair("cache_k", "cache_k_out", "a", "GroupQueryAttention")]
+    assert renumber(odd, {"cache_k"}) == {}  # no layer number in the names: nothing to renumber

@@ -66,16 +66,22 @@ def _rel_error(got: list, want: list) -> float:
     return num / max(den, 1e-30)
 
 
-def group_sensitivities(model, groups, scores, feeds: list[dict], probe: float) -> dict[str, float]:
-    """Relative output error of each group with its ``probe`` share of lowest-scored channels masked."""
+def masking_session(model, groups, proto=None):
+    """(session, output names, dense values): one session over ``model`` whose float weights of
+    ``groups`` are graph inputs, fed ``values`` (dense) or masked copies."""
     from spa.io import to_proto
 
-    proto = to_proto(model)
+    proto = to_proto(model) if proto is None else proto
     floats = {i.name for i in proto.graph.initializer if i.data_type in (1, 10, 11, 16)}
     names = {m.param for g in groups for m in g.params if m.param in floats}
     values = {n: v.const_value.numpy() for n, v in model.graph.initializers.items() if n in names}
     sess = _session_with_weight_inputs(proto, set(values))
-    outs = [o.name for o in sess.get_outputs()]
+    return sess, [o.name for o in sess.get_outputs()], values
+
+
+def group_sensitivities(model, groups, scores, feeds: list[dict], probe: float) -> dict[str, float]:
+    """Relative output error of each group with its ``probe`` share of lowest-scored channels masked."""
+    sess, outs, values = masking_session(model, groups)
     base = [sess.run(outs, {**f, **values}) for f in feeds]
     out = {}
     for g in groups:

@@ -125,9 +125,12 @@ def synthesize(model, sess, n_batches: int, input_shapes: dict | None, seed: int
     the runtime default, 1), and a static one as many more batches as it takes to see as many
     samples."""
     from spa import runtime
+    from spa.state import single_batch
 
     rng = np.random.default_rng(seed)
     shapes = dict(input_shapes or {})
+    if batch is not None and single_batch(model):
+        batch = None
     static = []
     for i in sess.get_inputs():  # a dynamic batch axis gets SYNTH_BATCH samples, not 1
         if batch is None:

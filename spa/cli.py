@@ -63,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("-o", "--output", required=True)
     pr.add_argument("--ratio", type=float, default=None,
                     help="fraction of channels to remove, in [0, 1) (required unless --depth is given)")
+    pr.add_argument("--target", metavar="KIND=VALUE",
+                    help="prune to a budget instead of a ratio: params, macs, bytes (weights on disk) or latency, "
+                         "as a ratio to the dense model (params=0.5, latency=0.6) or absolute (params=3.5M, "
+                         "macs=2G, bytes=40MB, latency=12ms); met within 1%% of the dense figure (latency: 5%%, "
+                         "measured on --device with --threads and --input-shape); exclusive with --ratio")
+    pr.add_argument("--threads", type=int, default=None, metavar="N",
+                    help="onnxruntime intra-op threads for latency targets (default: onnxruntime's)")
     pr.add_argument("--depth", type=float, default=0.0, metavar="D",
                     help="remove whole residual units first: a share below 1 (0.25: a quarter of the removable "
                          "units, at least one) or a count >= 1; combinable with --ratio")
@@ -90,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--normalization", default="mean", choices=NORMALIZATIONS, help="per-group score normalization")
     pr.add_argument("--global", dest="global_pruning", action="store_true",
                     help="rank channels across all groups instead of the same ratio per group")
-    pr.add_argument("--round-to", type=int, default=1, metavar="N", help="kept channel counts are multiples of N")
+    pr.add_argument("--round-to", type=int, default=None, metavar="N",
+                    help="kept channel counts are multiples of N (default 1; 16 for latency targets)")
     pr.add_argument("--protect", nargs="+", default=[], metavar="NAME",
                     help="node or parameter names (globs) whose groups are never pruned")
     pr.add_argument("--kinds", metavar="K1,K2", type=lambda v: [k.strip() for k in v.split(",") if k.strip()],
@@ -238,10 +246,16 @@ def _cmd_prune(args) -> int:
     import spa
 
     prog = Progress(True)
-    if args.ratio is None and not args.depth:
-        raise ArgumentError("pass --ratio (width), --depth (residual units), or both")
+    if args.target is not None and args.ratio is not None:
+        raise ArgumentError(f"--target {args.target} and --ratio {args.ratio:g} are exclusive: a target chooses the "
+                            "ratio. Pass one of them (--depth combines with either)")
+    if args.ratio is None and args.target is None and not args.depth:
+        raise ArgumentError("pass --ratio (width), --target (a budget), --depth (residual units), or --depth with "
+                            "one of the others")
+    ratio = None if args.target is not None else (args.ratio or 0.0)
     result = spa.prune(
-        args.model, args.ratio or 0.0, depth=args.depth, depth_unit=args.depth_unit, depth_score=args.depth_score,
+        args.model, ratio, target=args.target, threads=args.threads, depth=args.depth, depth_unit=args.depth_unit,
+        depth_score=args.depth_score,
         criterion=args.criterion, reduction=args.reduction,
         normalization=args.normalization, global_pruning=args.global_pruning, round_to=args.round_to,
         protect=args.protect, kinds=args.kinds, gqa=args.gqa, seed=args.seed, calibration=args.calibration,
@@ -258,6 +272,8 @@ def _cmd_prune(args) -> int:
 
     rows = summary_rows(result.dense, result.model, _input_shapes(args.input_shape))
     print(table(["", "before", "after", "ratio"], rows, "lrrr"))
+    if result.target is not None:
+        print(result.target.summary())
     form = result.form()
     print(f"form: opset {form['opset']['in']} -> {form['opset']['out']}, "
           f"IR version {form['ir_version']['in']} -> {form['ir_version']['out']}")

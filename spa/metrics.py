@@ -149,25 +149,31 @@ def _run_shapes(model: ir.Model, names: list[str], input_shapes: dict | None) ->
     return {n: tuple(o.shape) for n, o in zip(names, outs)}
 
 
+def value_shapes(model: ir.Model, names, input_shapes: dict | None = None) -> dict[str, tuple[int, ...]]:
+    """Concrete shapes of the graph's values with ``input_shapes``: ONNX inference, then for
+    ``names`` it left unknown the symbolic shapes loading inferred, then one onnxruntime run."""
+    shapes = _static_shapes(model, input_shapes)
+    missing = list(dict.fromkeys(n for n in names if n not in shapes))
+    if missing:
+        shapes.update(_symbolic_shapes(model, missing, input_shapes))
+        missing = [n for n in missing if n not in shapes]
+    if missing:  # still unknown: one onnxruntime run
+        shapes.update(_run_shapes(model, missing, input_shapes))
+    return shapes
+
+
 class Counter:
     """Parameters and MACs of a model, and of the same model with some axes shrunk (what a plan
     that slices only those axes leaves), from one shape inference: a pruned copy need not be
     built to be counted. ``shrunk`` maps (value or initializer name, axis) to the new size."""
 
     def __init__(self, model: ir.Model, input_shapes: dict | None = None):
-        shapes = _static_shapes(model, input_shapes)
         opsets = model_opsets(model)
         self.counted = [(node, spec.macs) for node in model.graph
                         if (spec := spec_of(node, opsets)) is not None and spec.macs is not None]
-        missing = [v.name for node, _ in self.counted for v in (node.inputs[0], node.outputs[0])
-                   if v is not None and v.name not in shapes]
-        if missing:
-            missing = list(dict.fromkeys(missing))
-            shapes.update(_symbolic_shapes(model, missing, input_shapes))
-            missing = [n for n in missing if n not in shapes]
-        if missing:  # still unknown: one onnxruntime run
-            shapes.update(_run_shapes(model, missing, input_shapes))
-        self.shapes = shapes
+        self.shapes = value_shapes(model, [v.name for node, _ in self.counted
+                                           for v in (node.inputs[0], node.outputs[0]) if v is not None],
+                                   input_shapes)
         self.model = model
 
     @functools.cached_property
@@ -203,4 +209,4 @@ def count_macs(model: ir.Model, input_shapes: dict | None = None) -> int:
     return Counter(model, input_shapes).macs()
 
 
-__all__ = ["Counter", "count_macs", "count_params"]
+__all__ = ["Counter", "count_macs", "count_params", "value_shapes"]

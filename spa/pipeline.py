@@ -1,6 +1,7 @@
 """``spa.prune``: a short list of named stages over one job record.
 
-    load -> depth -> graph -> statistics -> score -> allocate -> compensate -> apply -> convert -> check -> module -> write
+    load -> depth -> graph -> statistics -> score -> allocate -> compensate -> apply -> target -> noop -> convert
+         -> check -> module -> write
 
 Depth pruning (``depth``) removes whole residual blocks first (``spa.depth``); the graph and
 every later stage then see the shallower model, and the plan holds both.
@@ -48,6 +49,7 @@ class PruneResult:
     noop: str | None = None  # why the prune removed (almost) nothing, when it did
     source: Path | None = None  # the input model's path, when it was read from one
     folder: list = field(default_factory=list)  # spa.deploy.FolderFile: what was written beside the model
+    target: object = None  # spa.targets.Outcome: the target, the dense and the achieved figure
     renamed: dict = field(default_factory=dict)  # graph inputs/outputs renamed (depth's renumbered caches): old -> new
 
     def signature_changes(self) -> list[dict]:
@@ -128,6 +130,7 @@ class PruneResult:
             "device": self.device,
             "form": self.form(),
             "output": None if self.saved_to is None else str(self.saved_to),
+            "target": None if self.target is None else self.target.as_dict(),
         }
 
 
@@ -183,6 +186,9 @@ class Job:
     folder: bool = True  # write the runtime's files beside the output (spa.deploy)
     deep: ir.Model | None = None  # the loaded model before depth pruning
     blocks: tuple = ()  # BlockPlans of the removed residual units
+    target: object = None  # spa.targets.Target: the ratio is searched for
+    threads: int | None = None  # onnxruntime intra-op threads of latency measurements
+    outcome: object = None  # spa.targets.Outcome of the target search
     renamed: dict = field(default_factory=dict)  # K/V caches renumbered by depth pruning: old -> new name
 
 
@@ -305,25 +311,22 @@ def score_stage(job: Job) -> None:
 def allocate_stage(job: Job) -> None:
     """``obs`` (global OBS cost, ``spa.allocation.obs``) and ``sensitivity`` (masked-output probes,
     ``spa.allocation.sensitivity``) read the calibration inputs; they are collected here when the
-    criterion did not need them."""
-    from spa.allocation import allocate, is_protected, layerwise
+    criterion did not need them. With a target (``spa.targets``) the ratio is searched for."""
+    from spa.allocation import allocate
 
-    if job.allocation in ("alpha", "owl", "obs", "sensitivity"):
-        groups = [g for g in job.dg.groups if job.kinds is None or g.kind in job.kinds]
-        if job.allocation == "alpha":
-            job.ratios = layerwise.alpha_ratios(groups, job.dg.weights, job.ratio)
-        elif job.allocation == "owl":
-            job.ratios = layerwise.owl_ratios(groups, job.dg.weights, job.stats, ratio=job.ratio)
-        else:
-            groups = [g for g in groups if job.scores[g.key] is not None
-                      and not (job.protect and is_protected(g, job.protect))
-                      and not (g.heads is not None and g.heads.slots > 1 and job.gqa != "kv")]
-            job.ratios = _calibrated_ratios(job, groups)
-    plan = allocate(job.dg, job.scores, job.ratio, job.global_pruning, job.round_to, job.protect,
-                    kinds=job.kinds, gqa=job.gqa, ratios=job.ratios)
+    layerwise = job.allocation in ("alpha", "owl", "obs", "sensitivity")
+    if job.target is not None:
+        plan = _target_plan(job)
+    else:
+        if layerwise:
+            job.ratios = _layer_ratios(job, job.ratio)
+        plan = allocate(job.dg, job.scores, job.ratio, job.global_pruning, job.round_to, job.protect,
+                        kinds=job.kinds, gqa=job.gqa, ratios=job.ratios)
     meta = {**plan.meta, "reduction": job.reduction, "normalization": job.normalization, "seed": job.seed}
-    if job.allocation in ("alpha", "owl", "obs", "sensitivity"):
+    if layerwise:
         meta["allocation"] = job.allocation
+    if job.target is not None:
+        meta.update({"global": job.global_pruning, "target": job.target.text})
     job.plan = Plan(plan.groups, meta)
     if job.spec.compensate is not None and "activations" in job.spec.needs:
         from spa.allocation.obs import reconstruction_note
@@ -333,7 +336,36 @@ def allocate_stage(job: Job) -> None:
             job.notes.append(note)
 
 
-def _calibrated_ratios(job: Job, groups) -> dict:
+def _layer_ratios(job: Job, ratio: float) -> dict:
+    """The per-group ratios of a layer-wise allocation at overall ``ratio``."""
+    from spa.allocation import is_protected, layerwise
+
+    groups = [g for g in job.dg.groups if job.kinds is None or g.kind in job.kinds]
+    if job.allocation == "alpha":
+        return layerwise.alpha_ratios(groups, job.dg.weights, ratio)
+    if job.allocation == "owl":
+        return layerwise.owl_ratios(groups, job.dg.weights, job.stats, ratio=ratio)
+    groups = [g for g in groups if job.scores[g.key] is not None
+              and not (job.protect and is_protected(g, job.protect))
+              and not (g.heads is not None and g.heads.slots > 1 and job.gqa != "kv")]
+    return _calibrated_ratios(job, groups, ratio)
+
+
+def _target_plan(job: Job) -> Plan:
+    """The plan meeting ``job.target`` (``spa.targets.search``); the overall ratio becomes the
+    share of the candidate channels it removes."""
+    from spa import targets
+
+    layer = (lambda r: _layer_ratios(job, r)) if job.allocation in ("alpha", "owl", "obs") else None
+    with job.progress.step(f"searching the plan for target {job.target.text}"):
+        plan, job.outcome = targets.search(job, layer)
+    job.notes.extend(job.outcome.notes)
+    total = sum(g.size for g in plan.groups) or 1
+    job.ratio = min(sum(g.removed for g in plan.groups) / total, 0.99)
+    return plan
+
+
+def _calibrated_ratios(job: Job, groups, ratio: float) -> dict:
     from spa import calibration as cal
     from spa import runtime
     from spa.io import to_proto
@@ -347,14 +379,14 @@ def _calibrated_ratios(job: Job, groups) -> dict:
                 job.stats = collect_stats(job.model, job.dg, job.calibration, job.calibration_batches,
                                           job.input_shapes, job.seed)
         with job.progress.step("allocating by global OBS cost"):
-            return obs_ratios(groups, job.stats, job.dg.weights, job.ratio)
+            return obs_ratios(groups, job.stats, job.dg.weights, ratio)
     from spa.allocation.sensitivity import LAST_COST, sensitivity_ratios
 
     with job.progress.step(f"probing the sensitivity of {len(groups)} groups"):
         sess = runtime.session(to_proto(job.model), optimize=False)
         feeds = cal.batches(job.calibration, job.model, sess, min(job.calibration_batches, 2), job.input_shapes,
                             job.seed)[:2]  # two batches: one probe run per group and batch
-        ratios = sensitivity_ratios(job.model, groups, job.scores, feeds, job.ratio, weights=job.dg.weights)
+        ratios = sensitivity_ratios(job.model, groups, job.scores, feeds, ratio, weights=job.dg.weights)
     if LAST_COST:
         job.notes.append(f"sensitivity allocation: {LAST_COST['runs']} runs over {LAST_COST['groups']} groups "
                          f"in {LAST_COST['seconds']:.1f} s")
@@ -402,6 +434,19 @@ def apply_stage(job: Job) -> None:
         apply_in_place(job.model, job.plan, graph=job.dg)
     job.result = PruneResult(job.model, job.plan, job.dg, dense=job.deep or job.dense, notes=list(job.notes),
                              source=_source_path(job.source), renamed=dict(job.renamed))
+
+
+def target_stage(job: Job) -> None:
+    """The pruned model's real figure against the target (latency: the search timed this plan's
+    model already; params / MACs / bytes are counted again on the output)."""
+    if job.outcome is None:
+        return
+    from spa import targets
+
+    out = job.outcome
+    if out.target.kind != "latency":
+        out.achieved = targets.count(out.target.kind, job.model, job.input_shapes)
+    job.result.target = out
 
 
 #: A prune removing less than this share of what the ratio asks for removed "almost nothing".
@@ -508,7 +553,8 @@ def write_stage(job: Job) -> None:
 STAGES: tuple[tuple[str, Callable[[Job], None]], ...] = (
     ("load", load_stage), ("depth", depth_stage), ("graph", graph_stage), ("statistics", statistics_stage), ("score", score_stage),
     ("allocate", allocate_stage), ("compensate", compensate_stage), ("apply", apply_stage),
-    ("noop", noop_stage), ("convert", convert_stage), ("check", check_stage), ("module", module_stage), ("write", write_stage),
+    ("target", target_stage), ("noop", noop_stage), ("convert", convert_stage), ("check", check_stage),
+    ("module", module_stage), ("write", write_stage),
 )
 
 
@@ -586,13 +632,15 @@ def _check_feeds(model: ir.Model, input_shapes) -> dict:
 def prune(
     model,
     example_inputs=None,
-    ratio: float = 0.5,
+    ratio: float | None = None,
     *,
+    target=None,
+    threads: int | None = None,
     criterion: str = "l1",
     reduction: str = "mean",
     normalization: str = "mean",
     global_pruning: bool = False,
-    round_to: int = 1,
+    round_to: int | None = None,
     protect: Iterable[str] = (),
     kinds: Iterable[str] | None = None,
     gqa: str = "kv",
@@ -634,7 +682,8 @@ def prune(
     ``y`` for ``(x, y)`` batches). Activation criteria read ``calibration`` (see
     ``spa.calibration``; None: data-free gaussian inputs).
 
-    ``ratio`` is the fraction of channels removed from every group; ``allocation`` spreads it:
+    ``ratio`` is the fraction of channels removed from every group (default 0.5; 0 with
+    ``depth``); ``allocation`` spreads it:
     ``uniform``, ``global`` (rank channels across groups; also ``global_pruning=True``),
     ``alpha`` / ``owl`` (a ratio per group, keeping the overall target; these cannot be combined
     with ``global_pruning``). ``kinds`` prunes only groups of those kinds (``heads``,
@@ -666,6 +715,16 @@ def prune(
     the removed units. The check: the shallower model equals the dense model with those
     branches zeroed, and the width check runs on top of it.
 
+    ``target`` replaces ``ratio`` with a budget (``spa.targets``): ``"params=0.5"``,
+    ``"macs=0.4"``, ``"bytes=40MB"``, ``"latency=0.6"`` or ``"latency=12ms"`` (ratios to the
+    dense model, or absolute figures). The plan meeting it is searched for (within 1% of the
+    dense figure for params / MACs / bytes, 5% for latency; ``result.target`` says what was
+    reached); with ``depth``, the removed units count toward it. Latency is measured with
+    onnxruntime on ``device`` with ``threads`` intra-op threads and ``input_shapes``; its
+    ``round_to`` defaults to 16 (kernels block channels; other ``round_to`` values give other
+    counts, default 1 elsewhere). A target
+    beyond what the prunable groups can reach raises ArgumentError saying what can be reached.
+
     ``folder``: when ``model`` is a path whose folder holds a ``genai_config.json`` (the
     onnxruntime-genai model builder) or ``config.json`` (Hugging Face / optimum), ``output``'s
     folder gets them rewritten with the pruned sizes and the tokenizer files copied
@@ -681,6 +740,7 @@ def prune(
     from spa.frontends.torch import is_module
 
     check_choice("allocation", allocation, ALLOCATIONS)
+    target_note = None
     check_choice("reduction", reduction, REDUCTIONS)
     check_choice("normalization", normalization, NORMALIZATIONS)
     spec = get(criterion)
@@ -689,7 +749,30 @@ def prune(
                             "channels across groups instead. Choose one (drop --global, or use --allocation global)")
     global_pruning = global_pruning or allocation == "global"
     if isinstance(example_inputs, (int, float)) and not isinstance(example_inputs, bool):
+        if ratio is not None:
+            raise ArgumentError(f"two ratios given ({example_inputs} and ratio={ratio}); pass one")
         ratio, example_inputs = float(example_inputs), None
+    if target is not None:
+        from spa import targets
+
+        if ratio is not None:
+            raise ArgumentError(f"target={target!r} and ratio={ratio} are exclusive: a target chooses the ratio; "
+                                "pass one of them")
+        if allocation == "sensitivity":
+            raise ArgumentError("allocation='sensitivity' probes every group once per ratio and cannot be searched "
+                                "for a target; use uniform, global, alpha, owl or obs with a target")
+        target = targets.parse(target)
+        ratio = 0.0
+        if round_to is None and target.kind == "latency":
+            round_to = targets.LATENCY_ROUND_TO
+            target_note = (f"latency target: kept channel counts are multiples of {round_to} (round_to={round_to}, "
+                           "the default for latency targets: onnxruntime's fast CPU kernels block channels by 8 or "
+                           "16, so other counts can run slower with fewer MACs); pass round_to to choose")
+    elif ratio is None:
+        ratio = 0.0 if depth else 0.5
+    round_to = 1 if round_to is None else round_to
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ArgumentError(f"threads={threads!r} must be a positive integer")
     check_output_path(model, output)
     module = model if is_module(model) else None
     if "gradients" in spec.needs and module is None:
@@ -701,7 +784,9 @@ def prune(
               check_equivalence, input_shapes, progress, data, loss_fn, calibration, calibration_batches,
               allocation, example_inputs=example_inputs, module=module, spec=spec, target_opset=target_opset,
               allow_noop=allow_noop, depth=depth or 0.0, depth_unit=depth_unit, depth_score=depth_score,
-              folder=folder)
+              folder=folder, target=target, threads=threads)
+    if target_note:
+        job.notes.append(target_note)
     from spa import depth as dp
 
     check_choice("depth_unit", depth_unit, dp.UNITS)

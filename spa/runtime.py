@@ -355,7 +355,7 @@ def random_feeds(sess, overrides: dict | None = None, seed: int = 0) -> dict[str
 def latency_ms(sess, feeds, warmup: int = 5, runs: int = 30) -> float:
     """Median wall time of one run, in milliseconds. On CUDA, inputs and outputs stay on the
     device (IO binding), so no host copy is timed; a CUDA run returns once its stream is done."""
-    run = _bound_run(sess, feeds) if sess.get_providers()[0] == CUDA else (lambda: sess.run(None, feeds))
+    run = runner(sess, feeds)
     for _ in range(warmup):
         run()
     times = []
@@ -364,6 +364,12 @@ def latency_ms(sess, feeds, warmup: int = 5, runs: int = 30) -> float:
         run()
         times.append(time.perf_counter() - t0)
     return float(np.median(times) * 1e3)
+
+
+def runner(sess, feeds):
+    """A callable running ``sess`` once on ``feeds``, as :func:`latency_ms` times it (IO binding
+    on CUDA)."""
+    return _bound_run(sess, feeds) if sess.get_providers()[0] == CUDA else (lambda: sess.run(None, feeds))
 
 
 def _bound_run(sess, feeds):

@@ -171,8 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_args(se)
     se = sub.add_parser("search", help="search the per-layer allocation for a budget (Optuna)")
     se.add_argument("model")
-    se.add_argument("--target", required=True, metavar="params=S",
-                    help="the budget: params=0.5 keeps half the dense model's parameters")
+    se.add_argument("--target", required=True, metavar="KIND=VALUE",
+                    help="the budget, as for prune: params=0.5 keeps half the dense model's parameters; macs=0.4, "
+                         "bytes=40MB, params=3.5M (latency: use --objective latency or both with a counted target)")
     se.add_argument("--trials", type=int, default=50, metavar="N",
                     help="trials of the study (an earlier run's included; default 50)")
     se.add_argument("--objective", choices=("fidelity", "latency", "both"), default="fidelity",

@@ -199,8 +199,10 @@ def test_cli_search_sqlite_storage_and_worker(model_path, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, match", [
-    (["--target", "macs=0.5"], "not supported by the search"),
-    (["--target", "params=1.5"], r"share in \(0, 1\)"),
+    (["--target", "latency=0.5"], "--objective latency"),
+    (["--target", "latency=3ms"], "not supported by the search"),
+    (["--target", "params=1.0"], r"share in \(0, 1\)"),
+    (["--target", "params=10M"], "already meet it"),
     (["--target", "params=0.01"], "out of reach"),
     (["--target", "params=0.5", "--workers", "gpu:2"], "local:N, ray or ray:ADDRESS"),
     (["--target", "params=0.5", "--objective", "both", "--sampler", "cmaes"], "needs tpe or nsga2"),
@@ -213,9 +215,49 @@ def test_cli_refuses_bad_arguments(model_path, tmp_path, capsys, args, match):
 
 
 def test_parse_target():
-    assert parse_target("params=0.25") == ("params", 0.25)
+    t = parse_target("params=0.25")
+    assert (t.kind, t.value, t.relative) == ("params", 0.25, True)
+    assert (parse_target("bytes=40MB").kind, parse_target("bytes=40MB").value) == ("bytes", 40e6)
+    assert parse_target(0.5).text == "params=0.5"  # a study started when the search took params only
     with pytest.raises(spa.ArgumentError, match="KIND=VALUE"):
         parse_target("0.5")
+
+
+@pytest.fixture(scope="module")
+def cnn_path(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("c") / "resnet.onnx"
+    onnx.save(zoo.resnet((1, 1), (8, 16), image=16, classes=4, batch=1), path)
+    return path
+
+
+@pytest.mark.parametrize("target", ["macs=0.5", "bytes=0.4"])
+def test_macs_and_bytes_targets_met_by_best_plan(cnn_path, tmp_path, target):
+    """MACs and weight bytes are counted as ``spa prune --target`` counts them (spa.targets.count)."""
+    from spa import targets
+
+    kind, share = target.split("=")[0], float(target.split("=")[1])
+    r = spa.search(str(cnn_path), target, trials=6, out=tmp_path, seed=0)
+    plan = spa.Plan.from_json(tmp_path / "best_plan.json")
+    dense = spa.load(cnn_path)
+    pruned = spa.apply_plan(dense, plan)
+    got = targets.count(kind, pruned) / targets.count(kind, dense)
+    assert abs(got - share) <= 0.01
+    assert plan.meta["target"] == {kind: share} and plan.meta[f"{kind}_ratio"] == pytest.approx(got, abs=1e-9)
+    if kind == "macs":  # on a CNN MACs and parameters part: the plan is fitted to MACs, not to parameters
+        assert abs(plan.meta["params_ratio"] - share) > 0.01
+    assert json.loads((tmp_path / "pareto.json").read_text())["target"] == target
+
+
+def test_absolute_target_and_unreachable_one(cnn_path, tmp_path):
+    from spa import targets
+
+    dense = spa.load(cnn_path)
+    half = targets.weight_bytes(dense) / 2
+    spa.search(str(cnn_path), f"bytes={half / 1e3:.3f}kB", trials=4, out=tmp_path / "a")
+    pruned = spa.apply_plan(dense, spa.Plan.from_json(tmp_path / "a" / "best_plan.json"))
+    assert abs(targets.weight_bytes(pruned) - half) <= 0.01 * targets.weight_bytes(dense)
+    with pytest.raises(spa.ArgumentError, match=r"out of reach.*ask for macs >="):
+        spa.search(str(cnn_path), "macs=0.01", trials=2, out=tmp_path / "b")
 
 
 def test_both_objectives_give_a_front_with_latency(model_path, tmp_path):

@@ -38,7 +38,8 @@ def search(model, target="params=0.5", trials: int = 50, *, out, objective: str 
            metric=None, protect=(), kinds=None, round_to: int = 1, input_shapes: dict | None = None,
            shard_calibration: bool = False, progress: Progress = SILENT) -> SearchResult:
     """Search the per-layer allocation of ``model`` (an ONNX path; a ModelProto or onnx_ir.Model
-    is written into ``out`` first) for ``target`` (``params=0.5``: keep half the parameters).
+    is written into ``out`` first) for ``target`` (``params=0.5``: keep half the parameters;
+    ``macs=0.4``, ``bytes=40MB``, ``params=3.5M``: any counted kind of ``spa.targets.parse``).
 
     ``trials`` counts the study's trials (those of an earlier run of the same study included);
     ``objective``: ``fidelity`` (relative output error against the dense model on the
@@ -61,7 +62,7 @@ def search(model, target="params=0.5", trials: int = 50, *, out, objective: str 
     wk.parse(workers)
     if sampler == "cmaes" and objective == "both":
         raise ArgumentError("--sampler cmaes optimizes one objective; --objective both needs tpe or nsga2")
-    _, share = parse_target(target)
+    target = parse_target(target)
     if not isinstance(trials, int) or trials < 1:
         raise ArgumentError(f"trials={trials!r} must be a positive integer")
     folder = Path(out)
@@ -72,7 +73,7 @@ def search(model, target="params=0.5", trials: int = 50, *, out, objective: str 
     elif calibration is not None and not isinstance(calibration, str):
         raise ArgumentError("calibration for the search is a data-free name (gaussian, zipf, ...) or a directory "
                             "of .npy batches, so that workers can read it")
-    settings = Settings(str(model_path), str(folder.resolve()), share, trials, objective, criterion, calibration,
+    settings = Settings(str(model_path), str(folder.resolve()), target.text, trials, objective, criterion, calibration,
                         calibration_batches, seed, tuple(protect), tuple(kinds) if kinds else None, round_to,
                         input_shapes, metric is not None)
     settings.key = cache.settings_key(model_path, criterion=criterion, calibration=calibration,
@@ -85,8 +86,8 @@ def search(model, target="params=0.5", trials: int = 50, *, out, objective: str 
             raise ArgumentError(f"the study '{study}' in {storage or folder / driver.JOURNAL} is not an SPA search "
                                 "study; pass another --study name or --storage")
         old = Settings.from_dict(found.user_attrs["settings"])
-        if (old.key, old.objective, old.target, old.metric, old.round_to) != \
-                (settings.key, objective, share, settings.metric, round_to):
+        if (old.key, old.objective, _same(old.target), old.metric, old.round_to) != \
+                (settings.key, objective, _same(target), settings.metric, round_to):
             raise ArgumentError(f"the study '{study}' in {storage or folder / driver.JOURNAL} was started with other "
                                 "settings (model, target, objective, criterion or calibration); pass another --out "
                                 "(or --study name) or remove it")
@@ -115,6 +116,14 @@ def search(model, target="params=0.5", trials: int = 50, *, out, objective: str 
     finally:
         pool.close()
     return driver.write_outputs(st_obj, prepared, progress)
+
+
+def _same(target) -> tuple:
+    """What makes two targets the same budget (``params=0.5`` and ``params = 0.50`` are)."""
+    from spa.search.space import parse_target
+
+    t = parse_target(target)
+    return t.kind, t.value, t.relative
 
 
 def _reporter(progress: Progress):

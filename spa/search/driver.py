@@ -28,7 +28,7 @@ class Settings:
 
     model: str
     folder: str
-    target: float
+    target: str  # the target's text (params=0.5, macs=0.4, bytes=40MB)
     trials: int
     objective: str = "fidelity"
     criterion: str = "l1"
@@ -50,6 +50,8 @@ class Settings:
         d = dict(d)
         d["protect"] = tuple(d.get("protect") or ())
         d["kinds"] = tuple(d["kinds"]) if d.get("kinds") else None
+        if isinstance(d.get("target"), (int, float)):  # studies started when the search took params only
+            d["target"] = f"params={float(d['target']):g}"
         return cls(**d)
 
     @property
@@ -140,7 +142,8 @@ def prepare(settings: Settings, progress, workers: str = "local:1") -> Prepared:
             cache.save_calibration(folder, settings.key, feeds, [runtime.run_flat(sess, f)[1] for f in feeds])
     else:
         progress.note(f"scores and calibration outputs read from {folder}")
-    space = sp.Space(dg, stats_data, settings.target, settings.protect, settings.kinds, settings.round_to)
+    space = sp.Space(dg, stats_data, settings.target, settings.protect, settings.kinds, settings.round_to,
+                     input_shapes=settings.input_shapes)
     return Prepared(dg, space, settings)
 
 
@@ -339,7 +342,7 @@ def write_outputs(study, prepared: Prepared, progress) -> SearchResult:
         if mine:
             heur[name] = mine[0]
     front = _front(rows, settings.directions)
-    doc = {"objective": settings.objective, "directions": settings.directions, "target": {"params": settings.target},
+    doc = {"objective": settings.objective, "directions": settings.directions, "target": settings.target,
            "criterion": settings.criterion, "best": best["number"], "heuristics": {k: v["number"] for k, v in heur.items()},
            "front": front, "trials": rows}
     atomic_write_bytes(folder / "pareto.json", json.dumps(doc, indent=1, default=float).encode())
@@ -373,7 +376,7 @@ def plot(rows, front, settings: Settings, path: Path) -> str | None:
             ax.annotate(r["heuristic"], (r[xkey], r[ykey]), fontsize=8)
     ax.set_xlabel({"latency_ms": "latency (ms)", "params_ratio": "parameters (share of dense)"}[xkey])
     ax.set_ylabel({"metric": "metric", "rel_error": "relative output error"}[ykey])
-    ax.set_title(f"allocation search, params={settings.target:g}")
+    ax.set_title(f"allocation search, {settings.target}")
     ax.legend()
     buf = io.BytesIO()
     fig.tight_layout()

@@ -30,6 +30,7 @@ from spa.allocation.obs import params_per_channel
 from spa.criteria.registry import Scores
 from spa.errors import ArgumentError
 from spa.plan import Plan
+from spa.targets import _plan_key, fmt
 
 FAMILIES = ("uniform", "global", "owl", "alpha", "dsa", "layers")
 #: The heuristics enqueued as the first trials: (name, fixed parameters).
@@ -40,31 +41,28 @@ HEURISTICS = (
     ("alpha", {"family": "alpha", "alpha_spread": 0.2}),
 )
 OWL_MS = (3.0, 5.0, 7.0, 10.0)
-TARGET_KINDS = ("params",)
-#: A plan's parameter count is fitted to within this share of the dense count.
+TARGET_KINDS = ("params", "macs", "bytes")
+#: A plan's figure is fitted to within this share of the dense figure.
 TARGET_TOLERANCE = 0.005
 
 
-def parse_target(text) -> tuple[str, float]:
-    """``params=0.5`` -> ("params", 0.5): the share of the dense model's parameters kept."""
-    if isinstance(text, tuple):
-        kind, value = text
-    else:
-        kind, sep, value = str(text).partition("=")
-        if not sep:
-            raise ArgumentError(f"target {text!r}: expected KIND=VALUE, e.g. params=0.5")
-    kind = kind.strip()
-    if kind not in TARGET_KINDS:
-        raise ArgumentError(f"target kind {kind!r} is not supported by the search; use one of "
-                            f"{', '.join(TARGET_KINDS)} (a share of the dense model, e.g. params=0.5)")
-    try:
-        share = float(value)
-    except ValueError:
-        raise ArgumentError(f"target {text!r}: {value!r} is not a number (params=0.5 keeps half the "
-                            "parameters)") from None
-    if not 0.0 < share < 1.0:
-        raise ArgumentError(f"target {kind}={share:g} must be a share in (0, 1) of the dense model")
-    return kind, share
+def parse_target(text):
+    """``params=0.5``, ``macs=0.4``, ``bytes=40MB``, ...: a :class:`spa.targets.Target` the
+    search can fit (``spa.targets.parse``; latency is refused: it is timed, not counted)."""
+    from spa import targets
+
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        text = f"params={float(text):g}"  # a share, as studies started before other kinds stored it
+    target = targets.parse(text)
+    if target.kind not in TARGET_KINDS:
+        raise ArgumentError(f"target {target.text}: a latency budget is not supported by the search (a trial's plan "
+                            "is fitted by counting, and latency is timed); search for a counted budget and minimize "
+                            f"the time with --objective latency (or both), e.g. --target macs={target.value:g} "
+                            "--objective both, or prune to a latency with `spa prune --target latency=...`")
+    if target.relative and not target.value < 1.0:
+        raise ArgumentError(f"target {target.text} must be a share in (0, 1) of the dense model (or an absolute "
+                            "figure below the dense one)")
+    return target
 
 
 @dataclass
@@ -106,9 +104,10 @@ def layer_index(model, groups) -> list[int]:
 class Space:
     """Turns a trial's parameters into per-group ratios and a plan that meets the target."""
 
-    def __init__(self, dg, stats: Statistics, target: float, protect=(), kinds=None, round_to: int = 1,
-                 cap: float = 0.9):
-        self.dg, self.stats, self.target = dg, stats, target
+    def __init__(self, dg, stats: Statistics, target, protect=(), kinds=None, round_to: int = 1,
+                 cap: float = 0.9, input_shapes: dict | None = None):
+        self.dg, self.stats, self.target = dg, stats, parse_target(target)
+        self.kind, self.input_shapes = self.target.kind, input_shapes
         self.protect, self.kinds, self.round_to, self.cap = tuple(protect), kinds, round_to, cap
         self.groups = candidates(dg, stats.scores, self.protect, kinds)
         self.layer = np.array(layer_index(dg.model, self.groups), dtype=int)
@@ -119,6 +118,13 @@ class Space:
         self.dense_params = int(sum(math.prod(s) for s in self._dense.values()))
         self._axes = [(m.param, m.param_axis, g.key, m) for g in dg.groups for m in g.params
                       if m.param in self._dense and m.param_axis is not None]
+        self._figures: dict = {}
+        self.dense = float(self.dense_params) if self.kind == "params" else self._count(dg.model)
+        self.goal = self.target.goal(self.dense)
+        self.share = self.goal / max(self.dense, 1e-12)  # the share of the dense figure kept
+        if not self.share < 1.0:
+            raise ArgumentError(f"target {self.target.text}: the dense model's {self.kind} "
+                                f"({fmt(self.kind, self.dense)}) already meet it; ask for less")
         self._check_reachable()
 
     # ---- parameters ----------------------------------------------------------------------
@@ -165,7 +171,7 @@ class Space:
         else:
             raw = self.raw_ratios(p)
             # first guess: the shift that removes 1 - target of the channels' parameters
-            fitted = fit_target(self.sizes * self.ppc, raw, 1.0 - self.target, self.cap)
+            fitted = fit_target(self.sizes * self.ppc, raw, 1.0 - self.share, self.cap)
             free = (fitted > 0) & (fitted < self.cap)
             c0 = float(np.median((fitted - raw)[free])) if free.any() else 0.0
             lo, hi = self._bracket(lambda c: self._plan(c, raw), c0)
@@ -173,7 +179,8 @@ class Space:
         total = sum(g.size for g in plan.groups)
         meta = {**plan.meta, "ratio": sum(g.removed for g in plan.groups) / max(total, 1),  # channels removed
                 "allocation": "search", "family": p["family"],
-                "target": {"params": self.target}, "params_ratio": self.params(plan) / max(self.dense_params, 1)}
+                "target": {self.kind: self.target.value}, "params_ratio": self.params(plan) / max(self.dense_params, 1),
+                f"{self.kind}_ratio": self.value(plan) / max(self.dense, 1e-12)}
         return Plan(plan.groups, meta)
 
     def _plan(self, c: float, raw) -> Plan:
@@ -186,31 +193,48 @@ class Space:
 
     def _bracket(self, make, c0: float) -> tuple[float, float]:
         """A shift interval around ``c0`` whose ends keep more and fewer parameters than the target."""
-        want = self.target * self.dense_params
+        want = self.goal
         lo, hi, step = c0 - 0.1, c0 + 0.1, 0.2
-        while lo > -2.0 and self.params(make(lo)) < want:
+        while lo > -2.0 and self.value(make(lo)) < want:
             lo, step = lo - step, step * 2
         step = 0.2
-        while hi < 2.0 and self.params(make(hi)) > want:
+        while hi < 2.0 and self.value(make(hi)) > want:
             hi, step = hi + step, step * 2
         return max(lo, -2.0), min(hi, 2.0)
 
     def _fit(self, make, lo: float, hi: float) -> Plan:
-        """Bisection on the shift: the plan whose parameter share is closest to the target."""
-        want = self.target * self.dense_params
+        """Bisection on the shift: the plan whose figure is closest to the target."""
+        want = self.goal
         best, best_err = None, math.inf
         for _ in range(40):
             mid = (lo + hi) / 2
             plan = make(mid)
-            got = self.params(plan)
+            got = self.value(plan)
             if abs(got - want) < best_err:
                 best, best_err = plan, abs(got - want)
-            if best_err <= TARGET_TOLERANCE * self.dense_params or hi - lo < 1e-7:
+            if best_err <= TARGET_TOLERANCE * self.dense or hi - lo < 1e-7:
                 break
             lo, hi = (lo, mid) if got < want else (mid, hi)
         return best
 
     # ---- counting ------------------------------------------------------------------------
+    def value(self, plan: Plan) -> float:
+        """The target's figure of the model ``plan`` prunes to: parameters counted from the kept
+        indices; MACs and weight bytes counted on the pruned copy (``spa.targets.count``)."""
+        if self.kind == "params":
+            return float(self.params(plan))
+        key = _plan_key(plan)
+        if key not in self._figures:
+            from spa.api import pruned_copy
+
+            self._figures[key] = self._count(pruned_copy(self.dg.model, plan))
+        return self._figures[key]
+
+    def _count(self, model) -> float:
+        from spa import targets
+
+        return targets.count(self.kind, model, self.input_shapes)
+
     def _param_sizes(self) -> dict[str, tuple[int, ...]]:
         from spa.metrics import param_elements
 
@@ -240,11 +264,12 @@ class Space:
             raise ArgumentError("the model has no prunable group the search could allocate (all blocked, protected "
                                 "or not scored); `spa inspect MODEL` lists the barriers")
         floor = self._plan(self.cap, np.zeros(len(self.groups)))
-        least = self.params(floor) / self.dense_params
-        if least > self.target + TARGET_TOLERANCE:
-            raise ArgumentError(f"target params={self.target:g} is out of reach: pruning every candidate group to "
-                                f"{self.cap:.0%} of its channels keeps {least:.3f} of the parameters (the rest is "
-                                f"blocked or protected); ask for params >= {least:.3f}")
+        least = self.value(floor) / self.dense
+        if least > self.share + TARGET_TOLERANCE:
+            raise ArgumentError(f"target {self.target.text} is out of reach: pruning every candidate group to "
+                                f"{self.cap:.0%} of its channels keeps {least:.3f} of the dense {self.kind} "
+                                f"({fmt(self.kind, self.value(floor))}; the rest is blocked or protected); ask for "
+                                f"{self.kind} >= {least:.3f}")
 
 
 def _rank(stat: np.ndarray) -> np.ndarray:

@@ -197,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--seed", type=int, default=0, help="sampler and calibration seed")
     se.add_argument("--protect", nargs="+", default=[], metavar="NAME", help="node or parameter globs kept whole")
     se.add_argument("--round-to", type=int, default=1, metavar="N", help="kept channel counts are multiples of N")
+    se.add_argument("--max-depth", type=int, default=None, metavar="K",
+                    help="residual units (spa inspect lists them) a trial may remove besides channels, lowest block "
+                         "influence first (default: all but one of the removable; 0: width only)")
     _add_shape_arg(se)
 
     wo = sub.add_parser("worker", help="run trials of a running search study from this process or host")
@@ -403,7 +406,7 @@ def _cmd_search(args) -> int:
             criterion=args.criterion, calibration=args.calibration, calibration_batches=args.calibration_batches,
             storage=args.storage, study=args.study, workers=args.workers, seed=args.seed, protect=args.protect,
             round_to=args.round_to, input_shapes=_input_shapes(args.input_shape),
-            shard_calibration=args.shard_calibration, progress=prog)
+            shard_calibration=args.shard_calibration, max_depth=args.max_depth, progress=prog)
     except KeyboardInterrupt:
         print(f"spa: interrupted; the study is kept in {args.storage or Path(args.out) / 'study.log'}: the same "
               "command resumes it", file=sys.stderr)

@@ -449,12 +449,33 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def score_units(model: ir.Model, candidates: list[Block], n: int, method: str, feeds: list[dict]) -> list[Block]:
     """The ``n`` units of ``candidates`` (removable, in stream order) to remove by ``method``."""
-    from spa import runtime
-
     if method not in SCORES:
         raise ArgumentError(f"depth score '{method}' is not one of {', '.join(SCORES)}")
     if method == "greedy":
         return _greedy(model, candidates, n, feeds)
+    score = _scores(model, candidates, n, method, feeds)
+    if method == "bi":
+        chosen = sorted(score, key=lambda i: (score[i], i))[:n]
+        return [candidates[i] for i in sorted(chosen)]
+    best = min(score, key=lambda i: (score[i], i))
+    return candidates[best:best + n]
+
+
+def rank_units(model: ir.Model, feeds: list[dict], unit: str = "layer", blocks: list[Block] | None = None) -> list[Block]:
+    """The removable ``unit``s, lowest block influence (``bi``) first: removing the first k is
+    what ``select(depth=k)`` removes. [] when the model has none."""
+    blocks = find_blocks(model) if blocks is None else blocks
+    candidates = [u for u in units(blocks, unit) if u.removable]
+    if not candidates:
+        return []
+    score = _scores(model, candidates, 1, "bi", feeds)
+    return [candidates[i] for i in sorted(score, key=lambda i: (score[i], i))]
+
+
+def _scores(model: ir.Model, candidates: list[Block], n: int, method: str, feeds: list[dict]) -> dict[int, float]:
+    """Block influence of each candidate (``bi``), or angular distance of each run of ``n``."""
+    from spa import runtime
+
     found = _discover(model)
     subs = [branches_of(model, [u], found) for u in candidates]
     ends = [((s[0][1].name,), _after(*s[-1])) for s in subs]
@@ -472,12 +493,7 @@ def score_units(model: ir.Model, candidates: list[Block], n: int, method: str, f
             for i in _contiguous(candidates, n):
                 x, y = ends[i][0], ends[i + n - 1][1]
                 sums.setdefault(i, []).append(float(np.mean(np.arccos(_cosine(values[x], values[y])) / np.pi)))
-    score = {i: float(np.mean(v)) for i, v in sums.items()}
-    if method == "bi":
-        chosen = sorted(score, key=lambda i: (score[i], i))[:n]
-        return [candidates[i] for i in sorted(chosen)]
-    best = min(score, key=lambda i: (score[i], i))
-    return candidates[best:best + n]
+    return {i: float(np.mean(v)) for i, v in sums.items()}
 
 
 def _after(add: ir.Node, x: ir.Value, gates) -> tuple[str, ...]:

@@ -295,3 +295,45 @@ def test_a_foreign_study_is_refused(model_path, tmp_path):
     optuna.create_study(study_name="spa-search", storage=url)
     with pytest.raises(spa.ArgumentError, match="not an SPA search study"):
         spa.search(str(model_path), "params=0.5", trials=2, out=tmp_path / "o", storage=url)
+
+
+@pytest.fixture(scope="module")
+def residual_path(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("r") / "resnet.onnx"  # blocks 1 and 3 are removable (identity shortcuts)
+    onnx.save(zoo.resnet((2, 2), (16, 32), image=16, classes=4, batch=1), path)
+    return path
+
+
+def test_depth_in_the_search_space(residual_path, tmp_path):
+    """A trial may remove k residual units (lowest block influence first) besides channels; the
+    heuristics have k = 0; the plan carries the blocks and the target counts them."""
+    from spa import depth, targets
+
+    r = spa.search(str(residual_path), "params=0.5", trials=10, out=tmp_path, seed=0)
+    sp = r.space
+    assert sp.max_depth == 1 and {u.key for u in sp.units} == {"block1", "block3"}
+    rows = sorted(r.trials, key=lambda t: t["number"])
+    assert [t["params"]["depth"] for t in rows[:4]] == [0, 0, 0, 0]
+    assert any(t["params"]["depth"] == 1 for t in rows[4:])
+    dense = spa.load(residual_path)
+    feeds = spa.search.cache.load_calibration(tmp_path)[0]
+    assert depth.select(dense, 1, feeds=feeds)[0].key == sp.units[0].key  # what prune --depth 1 removes
+    plan = sp.plan({"family": "global", "depth": 1})
+    assert [b.key for b in plan.blocks] == [sp.units[0].key] and plan.meta["depth"] == 1
+    path = tmp_path / "depth_plan.json"
+    plan.to_json(path)
+    pruned = spa.apply_plan(dense, spa.Plan.from_json(path))  # verified: depth check, then width
+    assert abs(targets.count("params", pruned) / targets.count("params", dense) - 0.5) <= 0.01
+    assert plan.meta["params_ratio"] == pytest.approx(count_params(pruned) / count_params(dense), abs=1e-9)
+    assert len([n for n in pruned.graph if n.op_type == "Conv"]) == len([n for n in dense.graph
+                                                                        if n.op_type == "Conv"]) - 2
+    with_depth = [t for t in _complete(r.study) if t.params.get("depth") == 1]
+    for t in with_depth:  # the worker measured the shallower model
+        assert t.user_attrs["result"]["params_ratio"] == pytest.approx(t.user_attrs["plan"]["params_ratio"], abs=1e-9)
+
+
+def test_max_depth_zero_is_width_only(residual_path, tmp_path):
+    r = spa.search(str(residual_path), "params=0.5", trials=5, out=tmp_path, max_depth=0)
+    assert r.space.max_depth == 0 and all("depth" not in t["params"] for t in r.trials)
+    with pytest.raises(spa.ArgumentError, match="max_depth"):
+        spa.search(str(residual_path), "params=0.5", trials=5, out=tmp_path / "b", max_depth=-1)

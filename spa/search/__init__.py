@@ -36,7 +36,8 @@ def search(model, target="params=0.5", trials: int = 50, *, out, objective: str 
            sampler: str = "tpe", criterion: str = "l1", calibration=None, calibration_batches: int = 4,
            storage: str | None = None, study: str = STUDY, workers: str = "local:1", seed: int = 0,
            metric=None, protect=(), kinds=None, round_to: int = 1, input_shapes: dict | None = None,
-           shard_calibration: bool = False, progress: Progress = SILENT) -> SearchResult:
+           shard_calibration: bool = False, max_depth: int | None = None,
+           progress: Progress = SILENT) -> SearchResult:
     """Search the per-layer allocation of ``model`` (an ONNX path; a ModelProto or onnx_ir.Model
     is written into ``out`` first) for ``target`` (``params=0.5``: keep half the parameters;
     ``macs=0.4``, ``bytes=40MB``, ``params=3.5M``: any counted kind of ``spa.targets.parse``).
@@ -51,6 +52,9 @@ def search(model, target="params=0.5", trials: int = 50, *, out, objective: str 
     Scores use ``criterion`` on ``calibration`` inputs, computed once and cached in ``out``;
     ``shard_calibration`` spreads the activations' batches over the workers
     (``spa.calibration.sharded``: the same statistics within float tolerance).
+    ``max_depth``: residual units (``spa.depth``, whole layers) a trial may remove besides
+    channels, the lowest block influence first (None: up to all but one of the removable units;
+    0: width only).
     """
     optuna = _optuna()
     from spa.criteria.registry import check_choice
@@ -63,6 +67,8 @@ def search(model, target="params=0.5", trials: int = 50, *, out, objective: str 
     if sampler == "cmaes" and objective == "both":
         raise ArgumentError("--sampler cmaes optimizes one objective; --objective both needs tpe or nsga2")
     target = parse_target(target)
+    if max_depth is not None and (not isinstance(max_depth, int) or max_depth < 0):
+        raise ArgumentError(f"max_depth={max_depth!r} must be a count >= 0 (0: width only) or None")
     if not isinstance(trials, int) or trials < 1:
         raise ArgumentError(f"trials={trials!r} must be a positive integer")
     folder = Path(out)
@@ -75,7 +81,7 @@ def search(model, target="params=0.5", trials: int = 50, *, out, objective: str 
                             "of .npy batches, so that workers can read it")
     settings = Settings(str(model_path), str(folder.resolve()), target.text, trials, objective, criterion, calibration,
                         calibration_batches, seed, tuple(protect), tuple(kinds) if kinds else None, round_to,
-                        input_shapes, metric is not None)
+                        input_shapes, metric is not None, max_depth)
     settings.key = cache.settings_key(model_path, criterion=criterion, calibration=calibration,
                                       batches=calibration_batches, seed=seed, protect=list(protect),
                                       kinds=settings.kinds, input_shapes=input_shapes)
@@ -86,8 +92,8 @@ def search(model, target="params=0.5", trials: int = 50, *, out, objective: str 
             raise ArgumentError(f"the study '{study}' in {storage or folder / driver.JOURNAL} is not an SPA search "
                                 "study; pass another --study name or --storage")
         old = Settings.from_dict(found.user_attrs["settings"])
-        if (old.key, old.objective, _same(old.target), old.metric, old.round_to) != \
-                (settings.key, objective, _same(target), settings.metric, round_to):
+        if (old.key, old.objective, _same(old.target), old.metric, old.round_to, old.max_depth) != \
+                (settings.key, objective, _same(target), settings.metric, round_to, max_depth):
             raise ArgumentError(f"the study '{study}' in {storage or folder / driver.JOURNAL} was started with other "
                                 "settings (model, target, objective, criterion or calibration); pass another --out "
                                 "(or --study name) or remove it")

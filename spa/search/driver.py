@@ -40,6 +40,7 @@ class Settings:
     round_to: int = 1
     input_shapes: dict | None = None
     metric: bool = False  # a user metric replaces fidelity (maximized)
+    max_depth: int | None = None  # depth units a trial may remove (None: all but one of the removable; 0: none)
     key: str = ""
 
     def as_dict(self) -> dict:
@@ -142,8 +143,14 @@ def prepare(settings: Settings, progress, workers: str = "local:1") -> Prepared:
             cache.save_calibration(folder, settings.key, feeds, [runtime.run_flat(sess, f)[1] for f in feeds])
     else:
         progress.note(f"scores and calibration outputs read from {folder}")
+    units = ()
+    if settings.max_depth != 0:
+        from spa import depth
+
+        with progress.step("ranking the removable residual units (block influence)"):
+            units = depth.rank_units(model, cache.load_calibration(folder, settings.key)[0])
     space = sp.Space(dg, stats_data, settings.target, settings.protect, settings.kinds, settings.round_to,
-                     input_shapes=settings.input_shapes)
+                     input_shapes=settings.input_shapes, units=units, max_depth=settings.max_depth)
     return Prepared(dg, space, settings)
 
 

@@ -46,7 +46,8 @@ class Evaluator:
         from spa.plan import Plan
 
         t0 = time.perf_counter()
-        pruned = pruned_copy(self.model, Plan.from_dict(plan_dict))
+        plan = Plan.from_dict(plan_dict)
+        pruned = pruned_copy(self._shallow(plan.blocks), plan)
         t1 = time.perf_counter()
         sess = runtime.session(pruned, threads=self.threads)
         t2 = time.perf_counter()
@@ -63,6 +64,19 @@ class Evaluator:
         out["seconds"] = {"prune": t1 - t0, "session": t2 - t1, "fidelity": t3 - t2, "latency_metric": t4 - t3}
         out["pid"] = os.getpid()
         return out
+
+
+    def _shallow(self, blocks):
+        """The model with ``blocks`` removed (depth first; the last one kept for the next plan)."""
+        if not blocks:
+            return self.model
+        key = tuple(b.key for b in blocks)
+        if getattr(self, "_last", (None,))[0] != key:
+            from spa import depth
+            from spa.api import clone
+
+            self._last = (key, depth.remove(clone(self.model), blocks))
+        return self._last[1]
 
 
 # ---- a worker process's evaluator (process pools) ---------------------------------------

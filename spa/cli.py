@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "measured on --device with --threads and --input-shape); exclusive with --ratio")
     pr.add_argument("--threads", type=int, default=None, metavar="N",
                     help="onnxruntime intra-op threads for latency targets (default: onnxruntime's)")
+    pr.add_argument("--workers", default="local:1", metavar="local:N|ray|ray:ADDRESS",
+                    help="shard the activation statistics' calibration batches (wanda, flap, obspa, owl) over N "
+                         "local processes or Ray (default local:1: this process)")
     pr.add_argument("--depth", type=float, default=0.0, metavar="D",
                     help="remove whole residual units first: a share below 1 (0.25: a quarter of the removable "
                          "units, at least one) or a count >= 1; combinable with --ratio")
@@ -266,7 +269,7 @@ def _cmd_prune(args) -> int:
         calibration_batches=args.calibration_batches, allocation=args.allocation, output=args.output, plan_out=args.plan_out,
         input_shapes=_input_shapes(args.input_shape), progress=prog, verify=True, run=not args.no_verify,
         check_equivalence=args.check_equivalence, report=args.report, device=args.device, provider=args.provider,
-        target_opset=args.target_opset, allow_noop=args.allow_noop, folder=args.folder,
+        target_opset=args.target_opset, allow_noop=args.allow_noop, folder=args.folder, workers=args.workers,
     )
     pruned = len(result.plan.pruned_groups)
     removed = sum(g.removed for g in result.plan.groups)

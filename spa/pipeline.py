@@ -51,6 +51,7 @@ class PruneResult:
     folder: list = field(default_factory=list)  # spa.deploy.FolderFile: what was written beside the model
     target: object = None  # spa.targets.Outcome: the target, the dense and the achieved figure
     renamed: dict = field(default_factory=dict)  # graph inputs/outputs renamed (depth's renumbered caches): old -> new
+    scores: object = None  # spa.criteria.Scores the plan was allocated from (per group key)
 
     def signature_changes(self) -> list[dict]:
         """Graph inputs and outputs the prune changed (``spa.report.signature_changes``)."""
@@ -190,6 +191,7 @@ class Job:
     threads: int | None = None  # onnxruntime intra-op threads of latency measurements
     outcome: object = None  # spa.targets.Outcome of the target search
     renamed: dict = field(default_factory=dict)  # K/V caches renumbered by depth pruning: old -> new name
+    workers: str = "local:1"  # where the activation statistics' calibration batches run (spa.calibration.sharded)
 
 
 # ---- stages -----------------------------------------------------------------------------
@@ -290,14 +292,42 @@ def statistics_stage(job: Job) -> None:
             with job.progress.step("synthesizing inputs matched to BatchNorm statistics"):
                 calibration = bn_matched_inputs(job.module, job.example_inputs, job.calibration_batches,
                                                 seed=job.seed)
-        with job.progress.step(f"collecting activations (calibration: {what or 'gaussian'})"):
-            job.stats = collect_stats(job.model, job.dg, calibration, job.calibration_batches, job.input_shapes,
-                                      job.seed)
+        if job.workers != "local:1":
+            with job.progress.step(f"collecting activations (calibration: {what or 'gaussian'}, sharded over "
+                                   f"{job.workers})"):
+                job.stats = _sharded_stats(job, calibration)
+        else:
+            with job.progress.step(f"collecting activations (calibration: {what or 'gaussian'})"):
+                job.stats = collect_stats(job.model, job.dg, calibration, job.calibration_batches, job.input_shapes,
+                                          job.seed)
+    elif job.workers != "local:1":
+        job.notes.append(f"workers {job.workers}: unused, criterion '{job.criterion}' and allocation "
+                         f"'{job.allocation}' collect no activation statistics (wanda, flap and obspa do)")
     if "gradients" in job.spec.needs:
         from spa.frontends.gradients import gradient_importance
 
         with job.progress.step(f"computing gradients ({job.criterion})"):
             job.arrays = gradient_importance(job.module, job.criterion, job.data, job.loss_fn)
+
+
+def _sharded_stats(job: Job, calibration):
+    """``spa.calibration.sharded.collect_stats`` of the loaded model: workers read it from a
+    private file (written here: the loaded model may differ from the input, depth removed),
+    run their shares of the batches and return raw sums, added up here."""
+    import shutil
+    import tempfile
+
+    from spa.calibration import sharded
+    from spa.io import atomic_write_bytes, to_proto
+
+    tmp = tempfile.mkdtemp(prefix="spa-prune-")
+    try:
+        path = os.path.join(tmp, "model.onnx")
+        atomic_write_bytes(path, to_proto(job.model).SerializeToString())
+        return sharded.collect_stats(path, calibration, job.calibration_batches, job.input_shapes, job.seed,
+                                     workers=job.workers, dg=job.dg)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def score_stage(job: Job) -> None:
@@ -433,6 +463,7 @@ def apply_stage(job: Job) -> None:
     with job.progress.step(f"applying plan ({len(job.plan.pruned_groups)} groups pruned)"):
         apply_in_place(job.model, job.plan, graph=job.dg)
     job.result = PruneResult(job.model, job.plan, job.dg, dense=job.deep or job.dense, notes=list(job.notes),
+                             scores=job.scores,
                              source=_source_path(job.source), renamed=dict(job.renamed))
 
 
@@ -666,6 +697,7 @@ def prune(
     depth_unit: str = "layer",
     depth_score: str = "bi",
     folder: bool = True,
+    workers: str = "local:1",
 ) -> PruneResult:
     """Prune ``model`` (a path, bytes, onnx.ModelProto, onnx_ir.Model or torch ``nn.Module``).
 
@@ -681,6 +713,9 @@ def prune(
     ``loss_fn(module, batch)`` gives the loss (default: cross-entropy of ``module(x)`` against
     ``y`` for ``(x, y)`` batches). Activation criteria read ``calibration`` (see
     ``spa.calibration``; None: data-free gaussian inputs).
+    ``workers`` (``local:N`` processes or ``ray`` / ``ray:ADDRESS``, as for ``spa.search``)
+    shards the activation statistics' calibration batches (``spa.calibration.sharded``: per-shard
+    sums, reduced here; the same statistics as one process within float tolerance).
 
     ``ratio`` is the fraction of channels removed from every group (default 0.5; 0 with
     ``depth``); ``allocation`` spreads it:
@@ -771,6 +806,10 @@ def prune(
     elif ratio is None:
         ratio = 0.0 if depth else 0.5
     round_to = 1 if round_to is None else round_to
+    from spa.search.workers import parse as parse_workers
+
+    if parse_workers(workers) == ("local", 1):
+        workers = "local:1"
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ArgumentError(f"threads={threads!r} must be a positive integer")
     check_output_path(model, output)
@@ -784,7 +823,7 @@ def prune(
               check_equivalence, input_shapes, progress, data, loss_fn, calibration, calibration_batches,
               allocation, example_inputs=example_inputs, module=module, spec=spec, target_opset=target_opset,
               allow_noop=allow_noop, depth=depth or 0.0, depth_unit=depth_unit, depth_score=depth_score,
-              folder=folder, target=target, threads=threads)
+              folder=folder, target=target, threads=threads, workers=workers)
     if target_note:
         job.notes.append(target_note)
     from spa import depth as dp

@@ -337,3 +337,13 @@ def test_max_depth_zero_is_width_only(residual_path, tmp_path):
     assert r.space.max_depth == 0 and all("depth" not in t["params"] for t in r.trials)
     with pytest.raises(spa.ArgumentError, match="max_depth"):
         spa.search(str(residual_path), "params=0.5", trials=5, out=tmp_path / "b", max_depth=-1)
+
+
+def test_cli_search_macs_target(cnn_path, tmp_path, capsys):
+    from spa import targets
+
+    assert main(["search", str(cnn_path), "--target", "macs=0.6", "--trials", "4", "--out", str(tmp_path)]) == 0
+    assert "best_plan.json" in capsys.readouterr().out
+    dense = spa.load(cnn_path)
+    pruned = spa.apply_plan(dense, spa.Plan.from_json(tmp_path / "best_plan.json"))
+    assert abs(targets.count("macs", pruned) / targets.count("macs", dense) - 0.6) <= 0.01

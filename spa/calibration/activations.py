@@ -260,7 +260,10 @@ def collect_stats(model, dg, calibration, n_batches: int = 8, input_shapes: dict
     from spa.calibration import blockwise
 
     cons = {g.key: consumers(dg, g) for g in dg.groups}
-    sess = runtime.session(model, optimize=False)
+    # a session (the whole model's weights handed to onnxruntime) only for sources that run the
+    # model (lm-sample, text synthesis); the others need its inputs' names and shapes
+    runs = isinstance(calibration, str) and calibration != "gaussian"
+    sess = runtime.session(model, optimize=False) if runs else runtime.ModelInputs(model)
     feeds = cal.batches(calibration, model, sess, n_batches, input_shapes, seed)
     flat = [c for cs in cons.values() for c in cs]
     means: dict = {}

@@ -96,3 +96,32 @@ def test_cached_inverses_are_fresh_copies():
     np.testing.assert_allclose(cached_inverse(hs, "k"), damped_inverse(x.T @ x), rtol=1e-5)
     hs["k"] = 2 * x.T @ x  # a new H drops its inverse
     np.testing.assert_allclose(cached_inverse(hs, "k"), damped_inverse(2 * x.T @ x), rtol=1e-5)
+
+
+def test_loaded_weights_are_arrays_the_model_owns(bert_proto):
+    model = spa.load(bert_proto.SerializeToString())
+    tensors = [v.const_value for g in model.graphs() for v in g.initializers.values()]
+    tensors += [a.value for g in model.graphs() for n in g for a in n.attributes.values()
+                if a.type == ir.AttributeType.TENSOR]
+    assert tensors and not any(type(t) is ir.serde.TensorProtoTensor for t in tensors)  # nothing keeps the proto
+    big = max((t for t in tensors if t is not None), key=lambda t: t.nbytes)
+    assert np.shares_memory(big.numpy(), big.numpy())  # every reader views one array, none copies it
+
+
+def test_prune_sessions_hold_no_copy_of_the_weights(bert_proto, monkeypatch):
+    import onnxruntime as ort
+
+    seen = []
+    real = ort.InferenceSession
+
+    def spy(model, opts=None, providers=None, **kwargs):
+        seen.append((opts.get_session_config_entry("session.disable_prepacking") if opts else "",
+                     tuple(kwargs.get("disabled_optimizers", ()))))
+        return real(model, opts, providers=providers, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", spy)
+    result = spa.prune(bert_proto, 0.3, criterion="obspa", calibration="gaussian", calibration_batches=2,
+                       device="cpu")
+    assert result.equivalence is not None and result.equivalence.skipped is None
+    assert len(seen) >= 3  # the calibration blocks and the check's runs
+    assert all(prepack == "1" and "ConstantFolding" in disabled for prepack, disabled in seen)

@@ -149,12 +149,19 @@ def build(folder: Path, shape: str, dtype: str, seq: int) -> Path:
     return path
 
 
-def measure(cmd: list[str], env=None) -> dict:
-    """Wall seconds and peak RSS (GiB) of ``cmd``; its last output lines."""
+def measure(cmd: list[str], env=None, log: Path | None = None) -> dict:
+    """Wall seconds and peak RSS (GiB) of ``cmd``; its last output lines. With ``log``, its
+    output also goes to that file as it runs (what a step cut short had done)."""
     t0 = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env)
+    if log is None:
+        proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env)
+    else:
+        with open(log, "w") as f:
+            proc = subprocess.run(["/usr/bin/time", "-v", *cmd], stdout=f, stderr=subprocess.STDOUT, text=True,
+                                  env=env)
+        proc.stdout, proc.stderr = log.read_text(), ""
     wall = time.perf_counter() - t0
-    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stdout + proc.stderr)
     lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "\t" not in ln[:1]]
     return {"rc": proc.returncode, "s": round(wall, 2), "rss_gib": round(int(rss.group(1)) / 2**20, 2) if rss else None,
             "tail": lines[-12:]}
@@ -197,6 +204,7 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="work folder (default: a temp folder)")
     ap.add_argument("--keep", action="store_true", help="keep the models")
     ap.add_argument("--json", default=None, help="write the figures as JSON")
+    ap.add_argument("--logs", default=None, help="folder for each step's output, written as it runs")
     args = ap.parse_args()
 
     hidden, layers, heads, kv, ffn, vocab = SHAPES[args.shape]
@@ -241,7 +249,10 @@ def main() -> None:
             if name.startswith("spa_prune") and (out / "rt.onnx").exists():  # free the round trip's disk
                 (out / "rt.onnx").unlink()
                 (out / "rt.onnx.data").unlink(missing_ok=True)
-            r = measure(cmd, env)
+            logs = Path(args.logs) if args.logs else None
+            if logs is not None:
+                logs.mkdir(parents=True, exist_ok=True)
+            r = measure(cmd, env, None if logs is None else logs / f"{name}.log")
             figures[name] = {k: r[k] for k in ("rc", "s", "rss_gib")}
             print(f"{name:20s} rc={r['rc']} {r['s']:8.2f} s  peak RSS {r['rss_gib']} GiB", flush=True)
             if r["rc"] != 0 or name.startswith("spa_prune") or name == "ort_session_pruned":

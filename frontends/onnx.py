@@ -131,9 +131,43 @@ def _checked_model(proto: onnx.ModelProto, what: str, base_dir: Path | None) -> 
         proto, tail = detach(proto, what)
     _check_proto(proto, what, base_dir)
     model = _deserialize(proto, what)
+    _own_arrays(model)
     if tail is not None:
         model.meta[DETACHED_TAIL] = tail
     return model
+
+
+def _owned(t):
+    """A protobuf-backed tensor as one the model owns (an array read once), or ``t`` itself."""
+    if type(t) is not ir.serde.TensorProtoTensor:
+        return t
+    try:
+        if t.dtype == ir.DataType.STRING:
+            return ir.StringTensor(t.numpy(), name=t.name, doc_string=t.doc_string,
+                                   metadata_props=dict(t.metadata_props))
+        return ir.Tensor(t.numpy(), dtype=t.dtype, name=t.name, doc_string=t.doc_string,
+                         metadata_props=dict(t.metadata_props))
+    except (TypeError, ValueError):  # a form onnx-ir reads only from protobuf: it stays there
+        return t
+
+
+def _own_arrays(model: ir.Model) -> None:
+    """Inline weights (and constant attributes) read once into arrays the model owns. A tensor
+    read from protobuf copies its bytes on every ``numpy()`` (each session, each score, each
+    check), and any one of them keeps the whole parsed proto alive; read once, the proto is
+    freed and everything after views the same arrays."""
+    for graph in model.graphs():
+        for v in graph.initializers.values():
+            if v.const_value is not None:
+                v.const_value = _owned(v.const_value)
+        for node in graph:
+            for name, attr in list(node.attributes.items()):
+                if attr.type == ir.AttributeType.TENSOR and type(attr.value) is ir.serde.TensorProtoTensor:
+                    node.attributes[name] = ir.AttrTensor(name, _owned(attr.value), doc_string=attr.doc_string)
+                elif attr.type == ir.AttributeType.TENSORS and any(type(t) is ir.serde.TensorProtoTensor
+                                                                   for t in attr.value):
+                    node.attributes[name] = ir.AttrTensors(name, [_owned(t) for t in attr.value],
+                                                           doc_string=attr.doc_string)
 
 
 def _from_bytes(data: bytes, what: str) -> ir.Model:

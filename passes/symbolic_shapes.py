@@ -106,12 +106,18 @@ def _symbolic_shape_inference():
 
 
 @contextlib.contextmanager
-def _private_cwd():
+def _private_cwd(span: int = 0):
     """Run in a private temporary directory: when the tool falls back to ONNX inference for an op
     it does not know, it writes ``sym_shape_infer_temp.onnx`` (and its external data) into the
-    working directory. SPA writes its outputs and nothing else, so that goes here and is removed."""
+    working directory. SPA writes its outputs and nothing else, so that goes here and is removed.
+    It also holds the sparse placeholder (``span`` bytes, no disk blocks) that the skeleton's
+    weight references name (``spa.io.skeleton``)."""
+    from spa.io import REFERENCE_FILE
+
     old = os.getcwd()
     with tempfile.TemporaryDirectory(prefix="spa-symshape-") as tmp:
+        with open(os.path.join(tmp, REFERENCE_FILE), "wb") as f:
+            f.truncate(span)
         os.chdir(tmp)
         try:
             yield
@@ -126,9 +132,13 @@ class SymbolicShapesPass(ir.passes.InPlacePass):
         if not needs_symbolic_inference(model):
             return ir.passes.PassResult(model, False)
         try:
+            from spa.io import skeleton
+
             SymbolicShapeInference = _symbolic_shape_inference()
-            proto = ir.serde.serialize_model(model)
-            with _private_cwd():
+            # the float weights as references (the tool reads their dims, not their values): the
+            # model is not copied into protobuf, twice, to learn its shapes
+            proto, _, span = skeleton(model, floating_only=True)
+            with _private_cwd(span):
                 inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
         except Exception as exc:  # the tool raises on ops it does not know; ONNX's shapes stay
             log.debug("onnxruntime symbolic shape inference failed: %s", exc)

@@ -69,7 +69,7 @@ class VerifyPass(ir.passes.PassBase):
 def _run(model: ir.Model, input_shapes, seed: int = 0):
     from spa.state import state_symbols
 
-    sess = runtime.session(model)
+    sess = runtime.session(model, lean=True)
     feeds = runtime.random_feeds(sess, {**state_symbols(model), **(input_shapes or {})}, seed)
     names, out = runtime.run_flat(sess, feeds)
     return names, feeds, out

@@ -195,7 +195,7 @@ class _Runner:
     def run(self, model: ir.Model) -> tuple[list[str], list[np.ndarray]]:
         from spa import runtime
 
-        return runtime.run_flat(runtime.session(model), self.feeds)
+        return runtime.run_flat(runtime.session(model, lean=True), self.feeds)
 
 
 def check(source: ir.Model, pruned: ir.Model, dg, plan, feeds: dict, dense: ir.Model | None = None,
@@ -227,6 +227,7 @@ def check(source: ir.Model, pruned: ir.Model, dg, plan, feeds: dict, dense: ir.M
                           "pass input shapes (--input-shape) to check the pruned model by running it")
         log.warning(report.skipped)
         return report
+    del reference  # its masked and pruned weights go before the pruned model runs
     try:
         names, got = pruned_runner.run(pruned)
     except errors as exc:

@@ -167,16 +167,18 @@ _BY_REFERENCE_TYPES = frozenset({
     ir.DataType.INT64, ir.DataType.UINT64, ir.DataType.BOOL})
 
 
-def skeleton(model: ir.Model) -> tuple[onnx.ModelProto, dict[str, ir.TensorProtocol], int]:
+def skeleton(model: ir.Model, floating_only: bool = False) -> tuple[onnx.ModelProto, dict[str, ir.TensorProtocol], int]:
     """The model as a small ModelProto: its large main-graph initializers become external
     references (to :data:`REFERENCE_FILE`, laid out in order) instead of data; also those
     tensors by name, and the bytes they span. Nothing is read or copied; ``model`` is
     unchanged. Sessions get the tensors as external initializers, the checker a sparse
-    placeholder file (``skeleton_files``)."""
+    placeholder file (``skeleton_files``). ``floating_only``: integer tensors stay inline (a
+    tool that reads shape constants' values gets them)."""
     listed = {v.name for v in model.graph.inputs}
     by_ref = [v for v in model.graph.initializers.values()
               if v.const_value is not None and v.name not in listed and v.const_value.dtype in _BY_REFERENCE_TYPES
-              and v.const_value.nbytes >= BY_REFERENCE_BYTES]
+              and v.const_value.nbytes >= BY_REFERENCE_BYTES
+              and (not floating_only or v.const_value.dtype.is_floating_point())]
     chosen = {id(v) for v in by_ref}
     inline = [v for v in _external_initializers(model) if id(v) not in chosen]  # small: read into the proto
     changed = by_ref + inline

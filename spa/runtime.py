@@ -190,10 +190,12 @@ def providers() -> list:
     return list(current_device().providers)
 
 
-def _options(threads: int | None, optimize: bool):
+def _options(threads: int | None, optimize: bool, lean: bool = False):
     rt = ort()
     opts = rt.SessionOptions()
     opts.log_severity_level = 3
+    if lean:  # MatMul/Gemm weights are not repacked: no second copy of them in the session
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     if threads:
         opts.intra_op_num_threads = threads
     if not optimize:
@@ -216,7 +218,13 @@ _NP_NATIVE = frozenset({np.float32, np.float64, np.float16, np.int8, np.uint8, n
                         np.uint32, np.int64, np.uint64, np.bool_})
 
 
-def _model_session(model, threads: int | None, optimize: bool, extra_outputs=()):
+#: What a lean session leaves out: constant folding and the transpose optimizer copy every
+#: weight an export transposes (``Transpose(W)`` becomes a new initializer); the other
+#: optimizations run.
+LEAN_DISABLED = ("ConstantFolding", "TransposeOptimizer")
+
+
+def _model_session(model, threads: int | None, optimize: bool, extra_outputs=(), lean: bool = False):
     """A session over an onnx_ir.Model that never serializes its weights: the graph goes to
     onnxruntime as a small proto (``spa.io.skeleton``), each large initializer as an external
     initializer over its array (memory-mapped or computed, not copied into protobuf). Works
@@ -230,32 +238,40 @@ def _model_session(model, threads: int | None, optimize: bool, extra_outputs=())
     for name in extra_outputs:
         if name not in known:
             proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    opts = _options(threads, optimize)
+    opts = _options(threads, optimize, lean)
     values = [_ort_value(t) for t in tensors.values()]
     if values:
         opts.add_external_initializers(list(tensors), values)
-    sess = ort().InferenceSession(proto.SerializeToString(), opts, providers=providers())
+    sess = ort().InferenceSession(proto.SerializeToString(), opts, providers=providers(), **_disabled(lean))
     sess._spa_weights = values  # the arrays onnxruntime reads stay alive with the session
     return sess
 
 
-def session(model, threads: int | None = None, optimize: bool = True):
+def _disabled(lean: bool) -> dict:
+    return {"disabled_optimizers": list(LEAN_DISABLED)} if lean else {}
+
+
+def session(model, threads: int | None = None, optimize: bool = True, lean: bool = False):
     """An InferenceSession from an onnx_ir.Model (weights by reference, any size), a path
-    (its external data beside it), bytes or a ModelProto, on the current device."""
+    (its external data beside it), bytes or a ModelProto, on the current device. ``lean``:
+    onnxruntime makes no copy of the weights (no prepacking, no constant folding of transposed
+    weights; the other optimizations run), for the few runs of a check or a calibration pass,
+    where memory counts more than the last percent of speed."""
     import onnx_ir as ir
 
     if isinstance(model, ir.Model):
-        return _model_session(model, threads, optimize)
-    opts = _options(threads, optimize)
+        return _model_session(model, threads, optimize, lean=lean)
+    opts = _options(threads, optimize, lean)
     if hasattr(model, "SerializeToString"):
         model = model.SerializeToString()
-    return ort().InferenceSession(model if isinstance(model, bytes) else str(model), opts, providers=providers())
+    return ort().InferenceSession(model if isinstance(model, bytes) else str(model), opts, providers=providers(),
+                                  **_disabled(lean))
 
 
 def session_exposing(model, names, optimize: bool = False):
     """A session over ``model`` (an onnx_ir.Model) whose outputs also include the intermediate
     values ``names``, to read activations or shapes off a run."""
-    return _model_session(model, None, optimize, names)
+    return _model_session(model, None, optimize, names, lean=True)
 
 
 class _Arg:

@@ -76,7 +76,8 @@ def test_one_cut_per_layer_and_blocks_reproduce_the_cut_values(name, request):
         runner.run(block.index, got.append, [block.target] if block.target else [])
         for b, values in enumerate(got):
             if block.target:
-                np.testing.assert_array_equal(values[block.target], want[b][block.target])
+                # block sessions are optimized (fused kernels round differently): equal to float32 precision
+                np.testing.assert_allclose(values[block.target], want[b][block.target], rtol=1e-5, atol=1e-5)
     outs = runner.carry  # the last block ran on the held cut: the model's outputs come out of it
     assert outs
 

@@ -53,9 +53,9 @@ def test_sessions_follow_the_chosen_device(monkeypatch):
     seen = []
     real = ort.InferenceSession
 
-    def spy(model, opts=None, providers=None):
+    def spy(model, opts=None, providers=None, **kwargs):
         seen.append(providers)
-        return real(model, opts, providers=providers)
+        return real(model, opts, providers=providers, **kwargs)
 
     monkeypatch.setattr(ort, "InferenceSession", spy)
     result = spa.prune(zoo.resnet((1, 1), (16, 32), image=16, classes=5), 0.3, device="cpu")

@@ -153,8 +153,41 @@ def collect_blockwise(model, consumers_: list[Consumer], runner, means: dict | N
 SPILL_BYTES = 4 << 20
 
 
+class ArrayCache:
+    """Arrays derived from H (OBSPA's damped inverses), keyed as the moments: computed once per
+    prune, kept on disk past :data:`SPILL_BYTES` like H, and handed out as fresh copies (the
+    caller may change them)."""
+
+    def __init__(self):
+        self._arrays: dict = {}
+        self._dir: str | None = None
+
+    def __contains__(self, key) -> bool:
+        return key in self._arrays
+
+    def put(self, key, value: np.ndarray) -> None:
+        if value.nbytes > SPILL_BYTES:
+            if self._dir is None:
+                self._dir = tempfile.mkdtemp(prefix="spa-derived-")
+                weakref.finalize(self, shutil.rmtree, self._dir, True)
+            path = os.path.join(self._dir, f"{len(self._arrays)}.npy")
+            np.save(path, value)
+            value = _Spilled(path)
+        else:
+            value = np.array(value, copy=True)
+        self._arrays[key] = value
+
+    def get(self, key) -> np.ndarray:
+        value = self._arrays[key]
+        return np.load(value.path) if isinstance(value, _Spilled) else np.array(value, copy=True)
+
+    def drop(self, key) -> None:
+        self._arrays.pop(key, None)
+
+
 class Moments(dict):
-    """H per consumer input (a dict), with the column means alongside (``.means``).
+    """H per consumer input (a dict), with the column means alongside (``.means``) and arrays
+    derived from them (``.derived``, an :class:`ArrayCache`; a new H for a key drops its own).
 
     An H over :data:`SPILL_BYTES` is written to a private temporary folder (removed with the
     object) and read back on each ``moments[key]``: whoever reads it holds it while using it,
@@ -167,11 +200,13 @@ class Moments(dict):
         self._dir: str | None = None
         self._live: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self.loaded = 0
+        self.derived = ArrayCache()
         for k, v in hs.items():
             self[k] = v
 
     def __setitem__(self, key, value) -> None:
         value = np.asarray(value)
+        self.derived.drop(key)
         if value.nbytes > SPILL_BYTES:
             if self._dir is None:
                 self._dir = tempfile.mkdtemp(prefix="spa-moments-")
@@ -226,7 +261,10 @@ def collect_stats(model, dg, calibration, n_batches: int = 8, input_shapes: dict
     from spa.calibration import blockwise
 
     cons = {g.key: consumers(dg, g) for g in dg.groups}
-    sess = runtime.session(model, optimize=False)
+    # a session (the whole model's weights handed to onnxruntime) only for sources that run the
+    # model (lm-sample, text synthesis); the others need its inputs' names and shapes
+    runs = isinstance(calibration, str) and calibration != "gaussian"
+    sess = runtime.session(model, optimize=False) if runs else runtime.ModelInputs(model)
     feeds = cal.batches(calibration, model, sess, n_batches, input_shapes, seed)
     flat = [c for cs in cons.values() for c in cs]
     means: dict = {}

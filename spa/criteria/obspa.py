@@ -61,14 +61,16 @@ class _Layer:
     ``lean``: when the stacked weight has more rows than columns, W is not held; its Gram
     matrix G = WᵀW is (every loss reads W only through G), updated as W would be, and the
     weights are solved once at the end from the original W and H⁻¹ for the whole removed set
-    (the same optimum: OBS steps compose). ``h`` may be a callable returning H."""
+    (the same optimum: OBS steps compose). ``h`` may be a callable returning H; ``inverse``, one
+    returning a fresh damped H⁻¹ (default: inverted from H on each call)."""
 
-    def __init__(self, consumers, weights, h, group_size: int, lean: bool = False):
+    def __init__(self, consumers, weights, h, group_size: int, lean: bool = False, inverse=None):
         self.single = isinstance(consumers, Consumer)
         if self.single:
             consumers, weights = [consumers], [weights]
         self.consumers, self.weights = consumers, weights
         self._h = h if callable(h) else (lambda: h)
+        self._inverse = inverse or (lambda: damped_inverse(self._h()))
         mats = [c.matrix(w).astype(np.float64) for c, w in zip(consumers, weights)]
         self.rows = np.cumsum([0] + [m.shape[0] for m in mats])
         self.w = np.concatenate(mats, axis=0)
@@ -77,7 +79,7 @@ class _Layer:
         self.removed: list[np.ndarray] = []
         if lean and self.w.shape[0] > self.w.shape[1]:
             self.g, self.w = self.w.T @ self.w, None
-        self.hinv = damped_inverse(self._h())
+        self.hinv = self._inverse()
         col_ch = consumers[0].member.channel[consumers[0].column_channels()]
         order = np.argsort(col_ch, kind="stable")
         bounds = np.searchsorted(col_ch[order], np.arange(group_size + 1))
@@ -124,7 +126,7 @@ class _Layer:
         w = np.concatenate([c.matrix(a).astype(np.float64) for c, a in zip(self.consumers, self.weights)], axis=0)
         if self.removed:
             q = np.unique(np.concatenate(self.removed))
-            hinv = damped_inverse(self._h())
+            hinv = self._inverse()
             w -= w[:, q] @ _solve(hinv[np.ix_(q, q)], hinv[q, :])
             w[:, q] = 0.0
         return w
@@ -151,9 +153,23 @@ def _shared(cons: list[Consumer], hs) -> list[list[Consumer]]:
     return list(shared.values())
 
 
+def cached_inverse(hs, key) -> np.ndarray:
+    """A fresh damped inverse of ``hs[key]``, inverted once per moments object when it keeps
+    derived arrays (``Moments.derived``: scoring, selection and the final solve share it)."""
+    cache = getattr(hs, "derived", None)
+    if cache is None:
+        return damped_inverse(hs[key])
+    if key not in cache:
+        inv = damped_inverse(hs[key])
+        cache.put(key, inv)
+        return inv
+    return cache.get(key)
+
+
 def _layer(group: Group, cs: list[Consumer], weights, hs, lean: bool = False) -> _Layer:
     key = cs[0].key
-    return _Layer(cs, [weights(c.member.param) for c in cs], lambda: hs[key], group.size, lean)
+    return _Layer(cs, [weights(c.member.param) for c in cs], lambda: hs[key], group.size, lean,
+                  inverse=lambda: cached_inverse(hs, key))
 
 
 def _layers(group: Group, cons: list[Consumer], weights, hs, lean: bool = False) -> list[_Layer]:
@@ -224,9 +240,10 @@ def obs_select(group: Group, cons, weights, hs, n_keep: int, steps: int = 8):
     to_remove = group.size - n_keep
     if to_remove <= 0 or not _shared(cons, hs):
         return tuple(alive), {}
-    store = _StateStore(_state_bytes(cons, weights, hs, LEAN) > SPILL_STATE_BYTES)
+    shared = _shared(cons, hs)  # one layer is in memory while visited anyway: it never spills
+    store = _StateStore(len(shared) > 1 and _state_bytes(cons, weights, hs, LEAN) > SPILL_STATE_BYTES)
     layers = []
-    for i, cs in enumerate(_shared(cons, hs)):
+    for i, cs in enumerate(shared):
         layers.append(_layer(group, cs, weights, hs, lean=LEAN))
         store.put(i, layers[-1])
     members = _member_channels(group)

@@ -151,7 +151,7 @@ def bert_config(vocab: int, seq: int):
 #: embeddings) that pruning 30% of the heads and FFN channels tells criteria apart.
 WIDE_LM = {"hidden": 256, "layers": 4, "heads": 4, "kv_heads": 2, "ffn": 1024}
 #: Training of the wide causal LM: steps and peak learning rate (next-token accuracy ~0.28).
-WIDE_LM_TRAIN = {"steps": 1000, "lr": 2e-3}
+WIDE_LM_TRAIN = {"steps": 300, "lr": 3e-3}
 
 
 def llama_config(vocab: int, seq: int, layers: int = 2, hidden: int = 128, heads: int = 4, kv_heads: int = 2,

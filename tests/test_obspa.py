@@ -254,11 +254,8 @@ def test_filter_matched_inputs_center_the_first_layers_and_prune_a_module_withou
     off_noise = float((firing(torch.randn(x.shape)) - 0.5).abs().mean())
     off = float((firing(x) - 0.5).abs().mean())
     assert off < 0.8 * off_noise  # closer to firing half the time than noise
-    with torch.no_grad():
-        spread = module[0](torch.as_tensor(x)).std((0, 2, 3)) / module[0].weight.flatten(1).norm(dim=1)
-    assert float((spread - 1).abs().max()) < 0.3
     result = spa.prune(module, example, ratio=0.5, criterion="obspa", calibration="filters",
-                       calibration_batches=2)
+                       calibration_batches=1)
     assert result.module[0].out_channels == 4
     from spa import runtime
     from spa.io import to_proto

@@ -101,7 +101,8 @@ class Section:
             self.params[label] = counts
         if extra is not None:
             self.extra[label] = extra
-        print(f"[{name}] {label:30s} " + " ".join(f"{a:.3f}" for a in vals) + f"  ({seconds:.0f} s)", flush=True)
+        print(f"[{name}] {label:30s} " + " ".join(f"{a:.3f}" for a in vals) + f"  ({seconds:.0f} s)"
+              + (f" params {counts}" if counts else "") + (f" cosine {extra}" if extra else ""), flush=True)
 
 
 def tp_rows(section, name, model, example, targets, loss_fn, grad_data, configure, evaluate, wanted=None):

@@ -1,24 +1,30 @@
 """Pruning quality without fine-tuning: accuracy (or output fidelity) against the ratio of
 channels removed (10-70%), per criterion, on
 
-  * a small CNN trained here on scikit-learn's digits (accuracy);
+  * a small CNN trained here on scikit-learn's digits (accuracy), with and without BatchNorm
+    (``cnn``, ``cnn-nobn``);
   * a small transformer trained here on digits, rows as tokens (accuracy; heads + FFN + hidden);
   * a random-init LLaMA-style model from a `transformers` config (fidelity: cosine similarity of
     the pruned model's logits to the dense model's, on held-out random tokens);
   * text (``text_common``): a BERT-like masked LM and a LLaMA-like causal LM trained here on the
     standard library's docstrings (masked-token / next-token accuracy on held-out sentences, and
     the logit cosine to the dense model), with every data-free source (gaussian, zipf,
-    lm-sample) against calibration on held-out training sentences.
+    lm-sample) against calibration on held-out training sentences; ``lm`` is the wide causal LM
+    (``text_common.WIDE_LM``).
+
+Torch-Pruning's importances (``tp_peer.py``) run beside SPA's criteria on the CNNs (and, with
+``--criteria TP``, on the wide LM), their pruning ratio bisected to SPA's parameter count.
 
 Criteria: L1 magnitude, Taylor (gradients on training batches; for the LLaMA the dense model's
 own predictions are the labels), Wanda-style, FLAP (with bias compensation), OBSPA data-free
 (Gaussian inputs / random tokens; for the CNN also inputs optimized to match its BatchNorm
-statistics) and OBSPA with calibration data (training images; for the LLaMA, other random
+statistics, and ``filters``: inputs matched to its first layers' filters) and OBSPA with calibration data (training images; for the LLaMA, other random
 tokens).
 Writes a PNG plot and a Markdown table.
 
     python examples/bench_quality.py [--out docs/quality] [--ratios 0.1,0.2,...] [--epochs 15]
-        [--only cnn,transformer,llama,text] [--text-ratios 0.2,0.3,0.5] [--criteria L1,OBSPA]
+        [--only cnn,cnn-nobn,transformer,llama,mlm,clm,lm,text] [--text-ratios 0.2,0.3,0.5]
+        [--criteria L1,OBSPA,TP] [--merge a.json,b.json]
 """
 
 from __future__ import annotations

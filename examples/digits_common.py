@@ -24,13 +24,19 @@ def data(seed: int = 0):
 
 
 class SmallCNN(nn.Module):
-    def __init__(self, width: int = 32):
+    """Three 3x3 convs (each followed by BatchNorm unless ``bn=False``), ReLU, two max-pools, an MLP head."""
+
+    def __init__(self, width: int = 32, bn: bool = True):
         super().__init__()
         w = width
+
+        def norm(c):
+            return [nn.BatchNorm2d(c)] if bn else []
+
         self.features = nn.Sequential(
-            nn.Conv2d(1, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(),
-            nn.Conv2d(w, 2 * w, 3, padding=1), nn.BatchNorm2d(2 * w), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.BatchNorm2d(2 * w), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(1, w, 3, padding=1), *norm(w), nn.ReLU(),
+            nn.Conv2d(w, 2 * w, 3, padding=1), *norm(2 * w), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1), *norm(2 * w), nn.ReLU(), nn.MaxPool2d(2),
         )
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(2 * w * 4, 128), nn.ReLU(), nn.Linear(128, 10))
 

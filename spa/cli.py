@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="inputs for wanda/flap/obspa and --allocation owl, data-free: 'gaussian' (the default), "
                          "'zipf' (token ids Zipf over the id, full mask), 'lm-sample' (text the language model "
                          "samples from its own logits), 'model' (zipf for token-id models, else gaussian); "
-                         "or a directory of .npy batches")
+                         "or a directory of .npy batches (the Python API also takes 'bn' and 'filters': inputs "
+                         "optimized through an nn.Module's BatchNorm statistics or first layers)")
     pr.add_argument("--calibration-batches", type=int, default=8, metavar="N",
                     help="data-free batches to synthesize (default 8)")
     pr.add_argument("--allocation", default="uniform", choices=("uniform", "global", "alpha", "owl", "obs", "sensitivity"),

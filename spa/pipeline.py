@@ -282,16 +282,18 @@ def graph_stage(job: Job) -> None:
 def statistics_stage(job: Job) -> None:
     """Activations (criteria that need them, owl allocation) and gradients (those that need them)."""
     if "activations" in job.spec.needs or job.allocation == "owl":
+        from spa.calibration import MODULE_SOURCES
         from spa.calibration.activations import collect_stats
 
         calibration = job.calibration
         what = calibration if isinstance(calibration, str) or calibration is None else "user data"
-        if isinstance(calibration, str) and calibration == "bn" and job.module is not None:
-            from spa.frontends.bn_inputs import bn_matched_inputs
+        if isinstance(calibration, str) and calibration in MODULE_SOURCES and job.module is not None:
+            from spa.frontends import bn_inputs
 
-            with job.progress.step("synthesizing inputs matched to BatchNorm statistics"):
-                calibration = bn_matched_inputs(job.module, job.example_inputs, job.calibration_batches,
-                                                seed=job.seed)
+            synth, what_to = MODULE_SOURCES[calibration]
+            with job.progress.step(f"synthesizing inputs matched to {what_to}"):
+                calibration = getattr(bn_inputs, synth)(job.module, job.example_inputs, job.calibration_batches,
+                                                        seed=job.seed)
         if job.workers != "local:1":
             with job.progress.step(f"collecting activations (calibration: {what or 'gaussian'}, sharded over "
                                    f"{job.workers})"):

@@ -230,6 +230,41 @@ def test_bn_matched_inputs_reproduce_the_running_statistics():
         bn_matched_inputs(nn.Linear(3, 2), torch.randn(2, 3))
 
 
+def test_filter_matched_inputs_center_the_first_layers_and_prune_a_module_without_bn():
+    pytest.importorskip("torch")
+    import torch
+    from torch import nn
+
+    from spa.frontends.bn_inputs import filter_matched_inputs, first_layers
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(),
+                           nn.Linear(8 * 4 * 4, 3)).eval()
+    with torch.no_grad():
+        module[0].bias.copy_(torch.linspace(-2.0, 2.0, 8))  # noise leaves these units on or off
+    example = torch.randn(2, 1, 8, 8)
+    assert first_layers(module, example) == [module[0], module[2]]
+    (x,) = filter_matched_inputs(module, example, n_batches=1, steps=60)
+
+    def firing(inp):  # per channel of the first conv: the share of positions where its ReLU is on
+        with torch.no_grad():
+            return (module[0](torch.as_tensor(inp)) > 0).float().mean((0, 2, 3))
+
+    assert x.shape == (16, 1, 8, 8)
+    off_noise = float((firing(torch.randn(x.shape)) - 0.5).abs().mean())
+    off = float((firing(x) - 0.5).abs().mean())
+    assert off < 0.8 * off_noise  # closer to firing half the time than noise
+    result = spa.prune(module, example, ratio=0.5, criterion="obspa", calibration="filters",
+                       calibration_batches=1)
+    assert result.module[0].out_channels == 4
+    from spa import runtime
+    from spa.io import to_proto
+
+    onnx_model = spa.load(build(MLP))
+    with pytest.raises(spa.ArgumentError, match="filters.*nn.Module"):
+        batches("filters", onnx_model, runtime.session(to_proto(onnx_model)))
+
+
 # ---- memory-lean OBSPA: the same prune as the plain path, at most one block's H held ----------
 
 

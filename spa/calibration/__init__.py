@@ -14,6 +14,9 @@ A source is one of:
     reads token ids, else ``gaussian`` (``spa.calibration.synth``);
   * ``"bn"`` (data-free, nn.Module with BatchNorm): inputs optimized so every BatchNorm layer
     sees batch statistics equal to its running statistics (``spa.frontends.bn_inputs``);
+  * ``"filters"`` (data-free, nn.Module, e.g. a CNN without BatchNorm): inputs optimized so every
+    output channel of the first Conv/Linear layers responds with mean 0 and the spread its
+    filter's norm gives (``spa.frontends.bn_inputs.filter_matched_inputs``);
   * a numpy array (one batch of the first input) or a list of them (several batches);
   * a dict ``{input name: array}`` (one batch) or a list of such dicts;
   * a directory of ``.npy`` files (one batch each, for the first input; or ``NAME.*.npy`` per
@@ -31,7 +34,10 @@ import numpy as np
 
 from spa.errors import ArgumentError
 
-DATA_FREE = ("gaussian", "zipf", "lm-sample", "model", "bn")
+DATA_FREE = ("gaussian", "zipf", "lm-sample", "model", "bn", "filters")
+#: Data-free sources optimized through an nn.Module (``spa.frontends.bn_inputs``): function, what they match.
+MODULE_SOURCES = {"bn": ("bn_matched_inputs", "BatchNorm statistics"),
+                  "filters": ("filter_matched_inputs", "the first layers' filters")}
 #: Batch size of synthesized inputs where the model's batch axis is dynamic.
 SYNTH_BATCH = 16
 
@@ -181,8 +187,9 @@ def batches(source, model, sess, n_batches: int = 8, input_shapes: dict | None =
     """Feed dicts for onnxruntime from a calibration source (see the module docstring)."""
     names = [i.name for i in sess.get_inputs()]
     if source is None or (isinstance(source, str) and source in DATA_FREE):
-        if source == "bn":
-            raise ArgumentError("calibration='bn' synthesizes inputs from an nn.Module's BatchNorm statistics; "
+        if source in MODULE_SOURCES:
+            raise ArgumentError(f"calibration='{source}' synthesizes inputs matched to an nn.Module's "
+                                f"{MODULE_SOURCES[source][1]}; "
                                 "pass the module to spa.prune (or use 'gaussian' for an ONNX file)")
         gaussian = synthesize(model, sess, n_batches, input_shapes, seed)
         if source in (None, "gaussian"):

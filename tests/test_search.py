@@ -214,6 +214,13 @@ def test_cli_refuses_bad_arguments(model_path, tmp_path, capsys, args, match):
     assert re.search(match, capsys.readouterr().err)
 
 
+def test_a_model_that_does_not_load_leaves_no_study_folder(tmp_path, capsys):
+    bad = tmp_path / "empty.onnx"
+    bad.write_bytes(b"")
+    assert main(["search", str(bad), "--target", "params=0.5", "--trials", "2", "--out", str(tmp_path / "o")]) == 1
+    assert "empty" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
 def test_parse_target():
     t = parse_target("params=0.25")
     assert (t.kind, t.value, t.relative) == ("params", 0.25, True)

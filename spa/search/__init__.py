@@ -13,6 +13,7 @@ Optuna journal: the same call again resumes the study).
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import types
 from pathlib import Path
@@ -72,32 +73,38 @@ def search(model, target="params=0.5", trials: int = 50, *, out, objective: str 
     if not isinstance(trials, int) or trials < 1:
         raise ArgumentError(f"trials={trials!r} must be a positive integer")
     folder = Path(out)
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    model_path = _model_path(model, folder)
-    if isinstance(calibration, (str, os.PathLike)) and Path(calibration).is_dir():
-        calibration = str(Path(calibration).resolve())
-    elif calibration is not None and not isinstance(calibration, str):
-        raise ArgumentError("calibration for the search is a data-free name (gaussian, zipf, ...) or a directory "
-                            "of .npy batches, so that workers can read it")
-    settings = Settings(str(model_path), str(folder.resolve()), target.text, trials, objective, criterion, calibration,
-                        calibration_batches, seed, tuple(protect), tuple(kinds) if kinds else None, round_to,
-                        input_shapes, metric is not None, max_depth)
-    settings.key = cache.settings_key(model_path, criterion=criterion, calibration=calibration,
-                                      batches=calibration_batches, seed=seed, protect=list(protect),
-                                      kinds=settings.kinds, input_shapes=input_shapes)
-    st = driver.storage(storage, folder)
-    found = _existing(optuna, st, study)
-    if found is not None:
-        if "settings" not in found.user_attrs:
-            raise ArgumentError(f"the study '{study}' in {storage or folder / driver.JOURNAL} is not an SPA search "
-                                "study; pass another --study name or --storage")
-        old = Settings.from_dict(found.user_attrs["settings"])
-        if (old.key, old.objective, _same(old.target), old.metric, old.round_to, old.max_depth) != \
-                (settings.key, objective, _same(target), settings.metric, round_to, max_depth):
-            raise ArgumentError(f"the study '{study}' in {storage or folder / driver.JOURNAL} was started with other "
-                                "settings (model, target, objective, criterion or calibration); pass another --out "
-                                "(or --study name) or remove it")
-    prepared = driver.prepare(settings, progress, workers if shard_calibration else "local:1")
+    try:  # a model that does not load (or settings refused) leaves no folder behind
+        model_path = _model_path(model, folder)
+        if isinstance(calibration, (str, os.PathLike)) and Path(calibration).is_dir():
+            calibration = str(Path(calibration).resolve())
+        elif calibration is not None and not isinstance(calibration, str):
+            raise ArgumentError("calibration for the search is a data-free name (gaussian, zipf, ...) or a directory "
+                                "of .npy batches, so that workers can read it")
+        settings = Settings(str(model_path), str(folder.resolve()), target.text, trials, objective, criterion, calibration,
+                            calibration_batches, seed, tuple(protect), tuple(kinds) if kinds else None, round_to,
+                            input_shapes, metric is not None, max_depth)
+        settings.key = cache.settings_key(model_path, criterion=criterion, calibration=calibration,
+                                          batches=calibration_batches, seed=seed, protect=list(protect),
+                                          kinds=settings.kinds, input_shapes=input_shapes)
+        st = driver.storage(storage, folder)
+        found = _existing(optuna, st, study)
+        if found is not None:
+            if "settings" not in found.user_attrs:
+                raise ArgumentError(f"the study '{study}' in {storage or folder / driver.JOURNAL} is not an SPA search "
+                                    "study; pass another --study name or --storage")
+            old = Settings.from_dict(found.user_attrs["settings"])
+            if (old.key, old.objective, _same(old.target), old.metric, old.round_to, old.max_depth) != \
+                    (settings.key, objective, _same(target), settings.metric, round_to, max_depth):
+                raise ArgumentError(f"the study '{study}' in {storage or folder / driver.JOURNAL} was started with other "
+                                    "settings (model, target, objective, criterion or calibration); pass another --out "
+                                    "(or --study name) or remove it")
+        prepared = driver.prepare(settings, progress, workers if shard_calibration else "local:1")
+    except BaseException:
+        if created:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
     st_obj = optuna.create_study(study_name=study, storage=st, directions=settings.directions, load_if_exists=True,
                                  sampler=driver.sampler(sampler, seed, len(found.trials) if found else 0))
     st_obj.set_user_attr("settings", settings.as_dict())

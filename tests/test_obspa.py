@@ -8,7 +8,7 @@ import pytest
 from helpers import build, feeds_for, run
 
 import spa
-from spa.calibration import batches
+from spa.calibration import activations, batches
 from spa.calibration.activations import collect, consumers
 from spa.criteria.obspa import obs_select
 from spa.criteria.wanda import wanda_scores
@@ -321,13 +321,15 @@ def test_lean_layer_matches_the_plain_layer_step_by_step():
     plain = _Layer(c, w, h, g.size)
     lean = _Layer(c, w, h, g.size, lean=True)
     assert lean.w is None and plain.w is not None
+    # the two orders of the same float math agree to the reconstruction dtype's precision
+    rel = max(1e-9, 200 * float(np.finfo(activations.DTYPE).eps))
     for q in (np.array([2, 9]), np.array([5]), np.array([0, 11, 14])):
-        np.testing.assert_allclose(lean.channel_losses(range(16)), plain.channel_losses(range(16)), rtol=1e-9,
+        np.testing.assert_allclose(lean.channel_losses(range(16)), plain.channel_losses(range(16)), rtol=rel,
                                    atol=1e-12)
-        assert lean.loss(q) == pytest.approx(plain.loss(q), rel=1e-9)
+        assert lean.loss(q) == pytest.approx(plain.loss(q), rel=rel)
         lean.remove(q)
         plain.remove(q)
-    np.testing.assert_allclose(lean.updated(), plain.updated(), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(lean.updated(), plain.updated(), rtol=max(1e-6, 10 * rel), atol=1e-9)
 
 
 def test_at_most_one_blocks_moments_are_held_while_scoring_and_reconstructing(small_transformers, monkeypatch):

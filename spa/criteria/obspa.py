@@ -25,6 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from spa.groups import Group
+from spa.calibration import activations
 from spa.calibration.activations import Consumer
 from spa.criteria.consumer import consumer_scores
 from spa.criteria.registry import Scores, ScoringInputs, criterion
@@ -39,8 +40,8 @@ LEAN = True
 
 
 def damped_inverse(h: np.ndarray) -> np.ndarray:
-    """(H + λI)⁻¹ in float64, λ = DAMP · mean diag H."""
-    h = np.array(h, dtype=np.float64)
+    """(H + λI)⁻¹ in ``activations.DTYPE``, λ = DAMP · mean diag H."""
+    h = np.array(h, dtype=activations.DTYPE)
     h[np.diag_indices_from(h)] += DAMP * float(np.mean(np.diag(h))) + 1e-8
     return np.linalg.inv(h)
 
@@ -71,7 +72,7 @@ class _Layer:
         self.consumers, self.weights = consumers, weights
         self._h = h if callable(h) else (lambda: h)
         self._inverse = inverse or (lambda: damped_inverse(self._h()))
-        mats = [c.matrix(w).astype(np.float64) for c, w in zip(consumers, weights)]
+        mats = [c.matrix(w).astype(activations.DTYPE) for c, w in zip(consumers, weights)]
         self.rows = np.cumsum([0] + [m.shape[0] for m in mats])
         self.w = np.concatenate(mats, axis=0)
         del mats
@@ -123,7 +124,7 @@ class _Layer:
         """The stacked weight after every removal."""
         if self.w is not None:
             return self.w
-        w = np.concatenate([c.matrix(a).astype(np.float64) for c, a in zip(self.consumers, self.weights)], axis=0)
+        w = np.concatenate([c.matrix(a).astype(activations.DTYPE) for c, a in zip(self.consumers, self.weights)], axis=0)
         if self.removed:
             q = np.unique(np.concatenate(self.removed))
             hinv = self._inverse()

@@ -375,3 +375,30 @@ def test_at_most_one_blocks_moments_are_held_while_scoring_and_reconstructing(sm
     assert 0 < held["sums"] <= 2 * one_block  # float64 sums of one block's keys only
     assert 0 < held["live"] <= one_block
     assert obspa.LEAN
+
+
+def test_subsample_caps_the_rows_xtx_reads_and_keeps_h(monkeypatch):
+    from spa.calibration.activations import Accumulator
+
+    model = spa.load(build(MLP))
+    dg = spa.dependency_graph(model)
+    (c,) = consumers(dg, dg.group("w1:1"))
+    rng = np.random.default_rng(1)
+    mix = rng.standard_normal((16, 16)).astype(np.float32)
+    xs = [rng.standard_normal((400, 16)).astype(np.float32) @ mix for _ in range(4)]
+
+    def h_of(sub):
+        monkeypatch.setattr(activations, "SUBSAMPLE", sub)
+        acc = Accumulator({c.key: c})
+        acc.batches = len(xs)
+        for x in xs:
+            acc.add({c.x: x})
+        return acc.counts[c.key], acc.result()[c.key]
+
+    rows, full = h_of(None)
+    assert rows == 1600
+    np.testing.assert_allclose(full, sum(x.T @ x for x in xs) / 1600, rtol=1e-4, atol=1e-4)
+    rows, sub = h_of(8)  # 8 x 16 columns = 128 rows over 4 batches: 32 each
+    assert rows == 128
+    assert np.linalg.norm(sub - full) / np.linalg.norm(full) < 0.4
+    assert h_of(8)[1].tobytes() == sub.tobytes()  # seeded

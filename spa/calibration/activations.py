@@ -75,6 +75,10 @@ def consumers(dg: DependencyGraph, group: Group) -> list[Consumer]:
 #: as faithful as float64 with the damping OBSPA applies, at about half the time and memory
 #: (examples/bench_obspa_cost.py); float64 restores the double-precision path.
 DTYPE = np.float32
+#: When set, Σ XᵀX of an input reads at most this many times its width in rows over all the
+#: batches of a calibration pass (random rows, seeded, spread evenly over the batches); the row
+#: count divides by the rows read. None: every row.
+SUBSAMPLE = None
 
 
 class Accumulator:
@@ -85,18 +89,31 @@ class Accumulator:
         self.by_key, self.means = by_key, means
         self.sums: dict[tuple, np.ndarray] = {}
         self.counts: dict[tuple, int] = {}
+        #: the batches a pass adds (set by the collectors; :data:`SUBSAMPLE` spreads its rows over them)
+        self.batches: int | None = None
+        self._rng = np.random.default_rng(0)
+
+    def _rows(self, cols: np.ndarray) -> np.ndarray:
+        """The rows of ``cols`` that Σ XᵀX reads (:data:`SUBSAMPLE`)."""
+        if SUBSAMPLE is None or not self.batches:
+            return cols
+        cap = -(-int(SUBSAMPLE) * cols.shape[1] // self.batches)
+        if cols.shape[0] <= cap:
+            return cols
+        return cols[np.sort(self._rng.choice(cols.shape[0], cap, replace=False))]
 
     def add(self, values: dict) -> None:
         for key, c in self.by_key.items():
             if c.x not in values:
                 continue
             cols = c.view.columns(np.asarray(values[c.x], dtype=np.float32))
-            h = cols.T @ cols
+            part = self._rows(cols)
+            h = part.T @ part
             if key in self.sums:
                 self.sums[key] += h
             else:
                 self.sums[key] = h.astype(DTYPE, copy=False)
-            self.counts[key] = self.counts.get(key, 0) + cols.shape[0]
+            self.counts[key] = self.counts.get(key, 0) + part.shape[0]
             if self.means is not None:
                 self.means[key] = self.means.get(key, 0) + cols.sum(axis=0, dtype=np.float64)
 
@@ -130,6 +147,7 @@ def collect(model, consumers_: list[Consumer], feeds: list[dict], chunk: int = 8
     from spa import runtime
 
     acc = accumulator(distinct_inputs(consumers_), means)
+    acc.batches = len(feeds)
     names = sorted({c.x for c in acc.by_key.values()})
     sess = runtime.session_exposing(model, names)
     for start in range(0, len(names), chunk):
@@ -147,6 +165,7 @@ def collect_blockwise(model, consumers_: list[Consumer], runner, means: dict | N
     from spa.calibration.blockwise import block_of_nodes
 
     acc = accumulator(distinct_inputs(consumers_), means)
+    acc.batches = len(runner.feeds)
     where = block_of_nodes(model, runner.blocks)
     out = Moments({}, means if means is not None else {})
     for block in runner.blocks:

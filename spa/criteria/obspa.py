@@ -444,6 +444,7 @@ def _block_moments(runner, k: int, here, transform) -> dict:
     from spa.calibration.activations import Accumulator, distinct_inputs
 
     acc = Accumulator(distinct_inputs(here))
+    acc.batches = len(runner.feeds)
     runner.run(k, acc.add, sorted({c.x for c in here}), transform=transform, advance=False)
     return acc.result()
 

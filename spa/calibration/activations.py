@@ -189,18 +189,14 @@ class ArrayCache:
     def __init__(self):
         self._arrays: dict = {}
         self._dir: str | None = None
+        self._saved = 0
 
     def __contains__(self, key) -> bool:
         return key in self._arrays
 
     def put(self, key, value: np.ndarray) -> None:
         if value.nbytes > SPILL_BYTES:
-            if self._dir is None:
-                self._dir = tempfile.mkdtemp(prefix="spa-derived-")
-                weakref.finalize(self, shutil.rmtree, self._dir, True)
-            path = os.path.join(self._dir, f"{len(self._arrays)}.npy")
-            np.save(path, value)
-            value = _Spilled(path)
+            value = _spill(self, "spa-derived-", value)
         else:
             value = np.array(value, copy=True)
         self._arrays[key] = value
@@ -226,6 +222,7 @@ class Moments(dict):
         super().__init__()
         self.means = means
         self._dir: str | None = None
+        self._saved = 0
         self._live: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self.loaded = 0
         self.derived = ArrayCache()
@@ -236,12 +233,7 @@ class Moments(dict):
         value = np.asarray(value)
         self.derived.drop(key)
         if value.nbytes > SPILL_BYTES:
-            if self._dir is None:
-                self._dir = tempfile.mkdtemp(prefix="spa-moments-")
-                weakref.finalize(self, shutil.rmtree, self._dir, True)
-            path = os.path.join(self._dir, f"{len(os.listdir(self._dir))}.npy")
-            np.save(path, value)
-            value = _Spilled(path)
+            value = _spill(self, "spa-moments-", value)
         super().__setitem__(key, value)
 
     def __getitem__(self, key) -> np.ndarray:
@@ -269,6 +261,18 @@ class Moments(dict):
 @dataclass(frozen=True, slots=True)
 class _Spilled:
     path: str
+
+
+def _spill(owner, prefix: str, value: np.ndarray) -> _Spilled:
+    """``value`` written to ``owner``'s private temporary folder (made on first use as
+    ``owner._dir``, removed with the owner), as a new file."""
+    if owner._dir is None:
+        owner._dir = tempfile.mkdtemp(prefix=prefix)
+        weakref.finalize(owner, shutil.rmtree, owner._dir, True)
+    path = os.path.join(owner._dir, f"{owner._saved}.npy")
+    owner._saved += 1
+    np.save(path, value)
+    return _Spilled(path)
 
 
 @dataclass(slots=True)

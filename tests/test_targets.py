@@ -163,8 +163,21 @@ def test_an_unreachable_latency_target_is_refused(cnn):
         spa.prune(cnn, target="latency=0.01ms", threads=1)
 
 
+def _latency_prune(model, **kw):
+    """``spa.prune`` with a latency target on a model that runs in tens of microseconds: on a
+    loaded machine timing noise can put the most-pruned point above the target, which the prune
+    refuses honestly ("cannot be reached"). These tests check the search's logic, not the timer,
+    so such a refusal is retried (the timer's noise differs per run), up to three times."""
+    for attempt in range(3):
+        try:
+            return spa.prune(model, **kw)
+        except ArgumentError as exc:
+            if "cannot be reached" not in str(exc) or attempt == 2:
+                raise
+
+
 def test_latency_targets_round_channel_counts_to_16_unless_told(cnn):
-    result = spa.prune(cnn, target="latency=0.7", threads=1)
+    result = _latency_prune(cnn, target="latency=0.7", threads=1)
     assert any("multiples of 16" in n for n in result.notes)
     assert all(len(gp.keep) % 16 == 0 for gp in result.plan.groups if gp.size > 16)
 
@@ -181,12 +194,12 @@ def test_the_layer_table_times_every_weight_layer_and_shrinks_with_the_plan(cnn,
 
 
 def test_a_latency_search_on_macs_or_the_layer_table(cnn, monkeypatch):
-    result = spa.prune(cnn, target="latency=0.7", threads=1, round_to=1)
+    result = _latency_prune(cnn, target="latency=0.7", threads=1, round_to=1)
     t = result.target
     assert t.layers == sum(n.op_type in ("Conv", "Gemm") for n in spa.load(cnn).graph)  # the default
     assert t.met or any("not met within 5%" in n and "reachable" in n for n in result.notes)
     monkeypatch.setattr(targets, "LATENCY_MODEL", "macs")
-    result = spa.prune(cnn, target="latency=0.7", threads=1, round_to=1)
+    result = _latency_prune(cnn, target="latency=0.7", threads=1, round_to=1)
     t = result.target
     assert t.layers == 0
     assert t.met or any("not met within 5%" in n and "reachable" in n for n in result.notes)

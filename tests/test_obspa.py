@@ -402,3 +402,32 @@ def test_subsample_caps_the_rows_xtx_reads_and_keeps_h(monkeypatch):
     assert rows == 128
     assert np.linalg.norm(sub - full) / np.linalg.norm(full) < 0.4
     assert h_of(8)[1].tobytes() == sub.tobytes()  # seeded
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_damped_inverse_by_cholesky_equals_the_general_inverse(dtype, monkeypatch):
+    from spa.calibration import activations
+    from spa.criteria.obspa import DAMP, damped_inverse
+
+    monkeypatch.setattr(activations, "DTYPE", dtype)
+    rng = np.random.default_rng(0)
+    for n in (1, 7, 300, 600):  # one tile, several tiles and a partial last one (tile 256)
+        x = rng.standard_normal((2 * n + 3, n))
+        h = x.T @ x / len(x)
+        got = damped_inverse(h.astype(dtype))
+        h = h.astype(dtype).astype(np.float64)
+        damped = h + (DAMP * np.mean(np.diag(h)) + 1e-8) * np.eye(n)
+        want = np.linalg.inv(damped)
+        assert got.dtype == dtype and got.shape == (n, n)
+        np.testing.assert_array_equal(got, got.T)
+        tol = 1e-3 if dtype == np.float32 else 1e-8
+        assert np.abs(got - want).max() <= tol * np.abs(want).max()
+
+
+def test_damped_inverse_of_an_indefinite_matrix_falls_back_to_the_general_inverse():
+    from spa.criteria.obspa import DAMP, damped_inverse
+
+    h = np.diag([4.0, -1.0, 2.0]).astype(np.float32)  # damping cannot make it positive definite
+    got = damped_inverse(h)
+    want = np.linalg.inv(h + (DAMP * np.mean(np.diag(h)) + 1e-8) * np.eye(3))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
